@@ -1,0 +1,5 @@
+"""Entry point for `python -m incstore`."""
+
+from incstore.cli import main
+
+main()

@@ -1,0 +1,202 @@
+"""Command line: click options in, one library call, output out. The only module using click.
+
+Every `IncstoreError` ends here, in `main`, as one line on stderr and its own exit code.
+Progress goes to stderr (a counter on a TTY, nothing in CI logs); `--json` prints one stable
+document to stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from incstore import __version__, db, manifest, sample
+from incstore.errors import IncstoreError
+from incstore.restore import execute_restore, plan_restore
+from incstore.save import execute_save, plan_save
+from incstore.store import Store
+
+
+def default_cache() -> Path:
+    env = os.environ.get("INCSTORE_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "incstore"
+
+
+def _progress(total: int, verb: str) -> Callable[[str, str], None] | None:
+    """A one-line counter on a TTY; failures are always printed, one line each."""
+    done = 0
+    tty = sys.stderr.isatty()
+
+    def report(event: str, detail: str) -> None:
+        nonlocal done
+        if event == "failed":
+            click.echo(f"\rerror: {detail}", err=True)
+            return
+        done += 1
+        if tty:
+            click.echo(f"\r{verb} {done}/{total}", err=True, nl=done == total)
+
+    return report
+
+
+def _emit(as_json: bool, doc: dict[str, Any], human: str) -> None:
+    if as_json:
+        click.echo(json.dumps(doc, indent=2, sort_keys=True))
+    else:
+        click.echo(human)
+
+
+def _finish(error: IncstoreError | None) -> None:
+    if error is not None:
+        raise error
+
+
+prefix_option = click.option(
+    "--prefix", type=click.Path(path_type=Path), default=Path("/"), show_default=True,
+    help="Physical root: items under PREFIX/gnu/store, the DB under PREFIX/var/guix/db.",
+)
+cache_option = click.option(
+    "--cache", type=click.Path(path_type=Path), default=None,
+    help="Chunk store directory [default: $INCSTORE_CACHE, else ~/.cache/incstore].",
+)
+jobs_option = click.option("--jobs", type=click.IntRange(1, 64), default=os.cpu_count() or 2,
+                           show_default="number of cores", help="Parallel workers.")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+
+
+@click.group()
+@click.version_option(__version__, prog_name="incstore")
+def cli() -> None:
+    """A content-addressed, incremental store cache for Guix and Nix in CI."""
+
+
+@cli.command()
+@click.option("--db", "db_path", type=click.Path(path_type=Path), required=True,
+              help="The daemon DB to read (e.g. /var/guix/db/db.sqlite).")
+@prefix_option
+@cache_option
+@click.option("--manifest", "manifest_path", type=click.Path(path_type=Path), required=True,
+              help="Where to write the manifest.")
+@click.option("--closure-of", multiple=True, metavar="STORE_PATH",
+              help="Save only the closure of these items (repeatable).")
+@jobs_option
+@click.option("--level", type=click.IntRange(-7, 22), default=3, show_default=True,
+              help="zstd compression level.")
+@click.option("--dry-run", is_flag=True, help="Print what would be written and stop.")
+@json_option
+def save(db_path: Path, prefix: Path, cache: Path | None, manifest_path: Path,
+         closure_of: tuple[str, ...], jobs: int, level: int, dry_run: bool,
+         as_json: bool) -> None:
+    """Save the store's valid paths into the chunk store and write a manifest."""
+    plan = plan_save(db_path, prefix, cache or default_cache(), closure_of)
+    if dry_run:
+        doc = plan.to_json()
+        _emit(as_json, doc, f"would write {len(doc['write'])} chunk(s), reuse "
+                            f"{len(doc['reuse'])}, of {doc['items']} item(s)")
+        return
+    result = execute_save(plan, manifest_path, jobs=jobs, level=level,
+                          progress=_progress(len(plan.to_write), "saved"))
+    doc = result.to_json()
+    _emit(as_json, doc, f"saved {doc['items']} item(s): {doc['written']} new chunk(s) "
+                        f"({doc['chunk_bytes_written']} bytes), {doc['reused']} already stored; "
+                        f"manifest {manifest_path}")
+    _finish(result.error())
+
+
+@cli.command()
+@click.option("--manifest", "manifest_path", type=click.Path(path_type=Path), required=True,
+              help="The manifest to restore.")
+@cache_option
+@prefix_option
+@click.option("--db", "db_path", type=click.Path(path_type=Path), default=None,
+              help="The daemon DB to register into [default: PREFIX/var/guix/db/db.sqlite].")
+@click.option("--db-out", type=click.Path(path_type=Path), default=None,
+              help="Write the registered DB here and leave the target DB untouched.")
+@click.option("--in-place", is_flag=True,
+              help="Register inside the live DB in one transaction (daemon may keep running).")
+@jobs_option
+@click.option("--dry-run", is_flag=True, help="Print the plan and stop.")
+@json_option
+def restore(manifest_path: Path, cache: Path | None, prefix: Path, db_path: Path | None,
+            db_out: Path | None, in_place: bool, jobs: int, dry_run: bool,
+            as_json: bool) -> None:
+    """Extract the manifest's missing items, verify them and register them."""
+    if db_out and in_place:
+        raise click.UsageError("--db-out and --in-place exclude each other")
+    loaded = manifest.load(manifest_path)
+    plan = plan_restore(loaded, prefix, cache or default_cache(), db_path=db_path,
+                        db_out=db_out, in_place=in_place)
+    if dry_run:
+        doc = plan.to_json()
+        human = "\n".join(
+            [f"{action:8} {path}" for action in ("extract", "replace", "present")
+             for path in doc[action]]
+            + [f"would extract {len(doc['extract']) + len(doc['replace'])} of {doc['items']} "
+               f"item(s) into {doc['store']}"]
+        )
+        _emit(as_json, doc, human)
+        return
+    result = execute_restore(plan, jobs=jobs,
+                             progress=_progress(len(plan.to_extract), "restored"))
+    doc = result.to_json()
+    _emit(as_json, doc, f"restored {doc['extracted']} item(s), {doc['present']} already present, "
+                        f"registered {doc['registered']} in {doc['db']}")
+    _finish(result.error())
+
+
+@cli.command()
+@click.option("--flavour", type=click.Choice(["guix", "nix"]), default="guix",
+              show_default=True, help="Which kind of store to demonstrate.")
+@click.option("--workdir", type=click.Path(path_type=Path), default=None,
+              help="Keep the demo's files here instead of a temporary directory.")
+@click.option("--items", type=click.IntRange(2, 10000), default=24, show_default=True)
+@json_option
+def demo(flavour: str, workdir: Path | None, items: int, as_json: bool) -> None:
+    """Build a sample store, save it, restore it into an empty prefix, and verify it."""
+    from incstore.demo import run_demo
+
+    spec = sample.SampleSpec(items=items)
+    with tempfile.TemporaryDirectory(prefix="incstore-demo-") as tmp:
+        where = workdir or Path(tmp)
+        where.mkdir(parents=True, exist_ok=True)
+        report = run_demo(where, db.FLAVOURS[flavour], spec)
+        doc = report.to_json()
+        store = Store(where / "restored", db.FLAVOURS[flavour])
+        human = "\n".join([
+            f"sample {flavour} store: {report.items} items, {report.nar_bytes} NAR bytes "
+            f"in {where / 'source'}",
+            f"save:    {report.chunks_written} chunks written, {report.chunk_bytes} bytes "
+            f"(zstd) in {where / 'cache'}",
+            f"save #2: {report.second_save_written} chunks written (nothing changed)",
+            f"restore: {report.restored} items extracted, verified and registered in "
+            f"{store.default_db}",
+            f"verify:  {report.verify.checked} items checked, "
+            f"{len(report.verify.problems)} problem(s); DBs equal: {report.db_equal}",
+            "demo OK" if report.ok else "demo FAILED",
+            *report.verify.problems[:20],
+        ])
+        _emit(as_json, doc, human)
+        if not report.ok:
+            sys.exit(1)
+
+
+def main() -> NoReturn:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except IncstoreError as e:
+        click.echo(f"incstore: error: {e}", err=True)
+        sys.exit(e.exit_code)
+    sys.exit(0)

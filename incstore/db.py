@@ -1,0 +1,395 @@
+"""Daemon DB: the SQLite database in which a Guix or Nix daemon records valid store paths.
+
+Reading: one consistent snapshot through SQLite itself (never a file copy: a daemon in WAL mode
+keeps committed data in `-wal`). Writing: registration of items in one transaction, ValidPaths,
+then Refs, then DerivationOutputs, with ids mapped by path; either into a copy that is swapped in
+under the exclusive `big-lock`, or (for callers that choose it) into a DB directly.
+
+The flavour (Guix schema 7 or Nix schema 10) is read from the DB's own columns, and a DB whose
+`schema` file disagrees is refused, so a Guix DB is never handled as a Nix one or the reverse.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import sqlite_utils
+
+from incstore import atomicfile
+from incstore.errors import DatabaseError, ManifestError
+from incstore.locks import Primitive, hold
+
+FlavourName = Literal["guix", "nix"]
+
+
+@dataclass(frozen=True)
+class Flavour:
+    """What differs between a Guix and a Nix store: directories, schema, lock primitive."""
+
+    name: FlavourName
+    store_dir: str
+    state_dir: str
+    schema_version: int
+    schema_sql: str
+    lock_primitive: Primitive
+    extra_columns: tuple[str, ...]
+
+    @property
+    def db_dir(self) -> str:
+        return f"{self.state_dir}/db"
+
+
+GUIX = Flavour("guix", "/gnu/store", "/var/guix", 7, "guix-schema-7.sql", "fcntl", ())
+NIX = Flavour(
+    "nix", "/nix/store", "/nix/var/nix", 10, "nix-schema-10.sql", "flock",
+    ("ultimate", "sigs", "ca"),
+)
+FLAVOURS: dict[str, Flavour] = {"guix": GUIX, "nix": NIX}
+
+
+@dataclass(frozen=True)
+class PathInfo:
+    """One ValidPaths row with its references and DerivationOutputs rows."""
+
+    path: str
+    hash: str
+    nar_size: int
+    registration_time: int
+    deriver: str | None = None
+    references: tuple[str, ...] = ()
+    derivation_outputs: tuple[tuple[str, str], ...] = ()
+    # Nix only; copied verbatim. None for Guix.
+    ultimate: int | None = None
+    sigs: str | None = None
+    ca: str | None = None
+
+
+@dataclass
+class Snapshot:
+    """Everything read from a DB in one read transaction."""
+
+    flavour: Flavour
+    infos: dict[str, PathInfo] = field(default_factory=dict)
+
+    def closure(self, roots: Iterable[str]) -> list[str]:
+        seen: set[str] = set()
+        stack = list(roots)
+        while stack:
+            path = stack.pop()
+            if path in seen:
+                continue
+            info = self.infos.get(path)
+            if info is None:
+                raise DatabaseError("not a valid path in the daemon DB", item=path)
+            seen.add(path)
+            stack.extend(info.references)
+        return sorted(seen)
+
+
+def schema_sql(flavour: Flavour) -> str:
+    return resources.files("incstore.schema").joinpath(flavour.schema_sql).read_text()
+
+
+def _schema_file_version(db_path: Path) -> int | None:
+    try:
+        text = (db_path.parent / "schema").read_text()
+    except FileNotFoundError:
+        return None
+    if not text.isdigit():
+        raise DatabaseError(f"schema file is corrupt: {text!r}", item=str(db_path))
+    return int(text)
+
+
+def detect_flavour(conn: sqlite3.Connection, db_path: Path) -> Flavour:
+    """Tell Guix from Nix by the DB's columns, cross-checked against its `schema` file."""
+    wrapper = sqlite_utils.Database(conn)
+    try:
+        tables = set(wrapper.table_names())
+    except sqlite3.DatabaseError as e:
+        raise DatabaseError(f"not an SQLite database ({e})", item=str(db_path)) from e
+    if not {"ValidPaths", "Refs", "DerivationOutputs"} <= tables:
+        raise DatabaseError("not a Guix or Nix daemon DB (no ValidPaths/Refs)", item=str(db_path))
+    columns = set(wrapper["ValidPaths"].columns_dict)
+    flavour = NIX if set(NIX.extra_columns) <= columns else GUIX
+    version = _schema_file_version(db_path)
+    if version is not None and version != flavour.schema_version:
+        raise DatabaseError(
+            f"schema version {version} is not the {flavour.name} schema "
+            f"{flavour.schema_version} its tables have; refusing to touch it",
+            item=str(db_path),
+        )
+    return flavour
+
+
+def _connect_ro(db_path: Path) -> sqlite3.Connection:
+    if not db_path.is_file():
+        raise DatabaseError("no such daemon DB", item=str(db_path))
+    try:
+        conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, isolation_level=None)
+        conn.execute("pragma busy_timeout = 30000")
+    except sqlite3.Error as e:
+        raise DatabaseError(f"cannot open: {e}", item=str(db_path)) from e
+    return conn
+
+
+def read_snapshot(db_path: Path) -> Snapshot:
+    """Read every valid path, its references and DerivationOutputs in one consistent snapshot."""
+    conn = _connect_ro(db_path)
+    try:
+        flavour = detect_flavour(conn, db_path)
+        extra = "".join(f", {c}" for c in flavour.extra_columns)
+        conn.execute("begin")
+        try:
+            rows = conn.execute(
+                "select id, path, hash, registrationTime, deriver, narSize"
+                f"{extra} from ValidPaths"
+            ).fetchall()
+            refs = conn.execute("select referrer, reference from Refs").fetchall()
+            outputs = conn.execute("select drv, id, path from DerivationOutputs").fetchall()
+        finally:
+            conn.execute("commit")
+    except sqlite3.Error as e:
+        raise DatabaseError(f"cannot read: {e}", item=str(db_path)) from e
+    finally:
+        conn.close()
+    by_id = {row[0]: row[1] for row in rows}
+    ref_map: dict[int, list[str]] = {}
+    for referrer, reference in refs:
+        ref_map.setdefault(referrer, []).append(by_id[reference])
+    out_map: dict[int, list[tuple[str, str]]] = {}
+    for drv, output_id, output_path in outputs:
+        out_map.setdefault(drv, []).append((output_id, output_path))
+    snapshot = Snapshot(flavour)
+    for row in rows:
+        row_id, path, hash_, reg_time, deriver, nar_size = row[:6]
+        nix = dict(zip(flavour.extra_columns, row[6:], strict=True))
+        snapshot.infos[path] = PathInfo(
+            path=path,
+            hash=hash_,
+            nar_size=nar_size or 0,
+            registration_time=reg_time,
+            deriver=deriver or None,
+            references=tuple(sorted(ref_map.get(row_id, ()))),
+            derivation_outputs=tuple(sorted(out_map.get(row_id, ()))),
+            **nix,
+        )
+    return snapshot
+
+
+def valid_paths(db_path: Path, flavour: Flavour) -> dict[str, str]:
+    """Map of valid path to hash in an existing DB, checked to be of `flavour`."""
+    conn = _connect_ro(db_path)
+    try:
+        found = detect_flavour(conn, db_path)
+        if found != flavour:
+            raise DatabaseError(
+                f"is a {found.name} DB but the manifest is for a {flavour.name} store",
+                item=str(db_path),
+            )
+        return dict(conn.execute("select path, hash from ValidPaths").fetchall())
+    except sqlite3.Error as e:
+        raise DatabaseError(f"cannot read: {e}", item=str(db_path)) from e
+    finally:
+        conn.close()
+
+
+def register(conn: sqlite3.Connection, flavour: Flavour, infos: Sequence[PathInfo]) -> None:
+    """Register `infos` inside the caller's transaction: ValidPaths, then Refs, then outputs.
+
+    A path that is already valid keeps its id and registration data; only its hash and narSize
+    are updated, as the daemon's own updatePathInfo does. Every reference must be valid in the DB
+    or in `infos`.
+    """
+    columns = ["path", "hash", "registrationTime", "deriver", "narSize", *flavour.extra_columns]
+    insert = (
+        f"insert into ValidPaths ({', '.join(columns)}) "
+        f"values ({', '.join('?' * len(columns))})"
+    )
+    ids: dict[str, int] = {}
+    for info in infos:
+        row = conn.execute("select id from ValidPaths where path = ?", (info.path,)).fetchone()
+        if row:
+            conn.execute(
+                "update ValidPaths set hash = ?, narSize = ? where id = ?",
+                (info.hash, info.nar_size, row[0]),
+            )
+            ids[info.path] = row[0]
+            continue
+        values = [info.path, info.hash, info.registration_time, info.deriver, info.nar_size]
+        values += [getattr(info, c) for c in flavour.extra_columns]
+        cursor = conn.execute(insert, values)
+        assert cursor.lastrowid is not None
+        ids[info.path] = cursor.lastrowid
+
+    def id_of(path: str, referrer: str) -> int:
+        if path not in ids:
+            row = conn.execute("select id from ValidPaths where path = ?", (path,)).fetchone()
+            if row is None:
+                raise ManifestError(f"reference {path} is not valid", item=referrer)
+            ids[path] = row[0]
+        return ids[path]
+
+    conn.executemany(
+        "insert or replace into Refs (referrer, reference) values (?, ?)",
+        [(ids[i.path], id_of(ref, i.path)) for i in infos for ref in i.references],
+    )
+    conn.executemany(
+        "insert or replace into DerivationOutputs (drv, id, path) values (?, ?, ?)",
+        [(ids[i.path], oid, opath) for i in infos for oid, opath in i.derivation_outputs],
+    )
+
+
+def _open_rw(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("pragma busy_timeout = 30000")
+    conn.execute("pragma foreign_keys = 1")
+    return conn
+
+
+def create(db_path: Path, flavour: Flavour, infos: Sequence[PathInfo] = ()) -> None:
+    """Create a fresh daemon DB at `db_path` (atomically), with `infos` registered."""
+    tmp = atomicfile.temp_path_for(db_path)
+    try:
+        conn = _open_rw(tmp)
+        try:
+            conn.executescript(schema_sql(flavour))
+            conn.execute("begin immediate")
+            register(conn, flavour, infos)
+            conn.execute("commit")
+        finally:
+            conn.close()
+        _fsync_file(tmp)
+        os.rename(tmp, db_path)
+        atomicfile.fsync_dir(db_path.parent)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    write_schema_file(db_path, flavour)
+
+
+def write_schema_file(db_path: Path, flavour: Flavour) -> None:
+    schema = db_path.parent / "schema"
+    if not schema.exists():
+        atomicfile.write_bytes(schema, str(flavour.schema_version).encode())
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def register_in_place(db_path: Path, flavour: Flavour, infos: Sequence[PathInfo]) -> None:
+    """Register into a live DB in one BEGIN IMMEDIATE transaction, as Guix's own tools do."""
+    conn = _open_rw(db_path)
+    try:
+        conn.execute("begin immediate")
+        try:
+            register(conn, flavour, infos)
+        except BaseException:
+            conn.execute("rollback")
+            raise
+        conn.execute("commit")
+    except sqlite3.Error as e:
+        raise DatabaseError(f"cannot register: {e}", item=str(db_path)) from e
+    finally:
+        conn.close()
+
+
+def _copy_with(
+    source: Path | None, dest: Path, flavour: Flavour, infos: Sequence[PathInfo]
+) -> None:
+    """Write `source` (or a fresh DB) plus `infos` to the new file `dest`, durably."""
+    conn = _open_rw(dest)
+    try:
+        if source is not None:
+            src = _connect_ro(source)
+            try:
+                src.backup(conn)  # one step: a single consistent snapshot
+            finally:
+                src.close()
+            # the daemon turns WAL back on at its next open; a rollback journal keeps the copy
+            # one self-contained file until then
+            conn.execute("pragma journal_mode = delete")
+        else:
+            conn.executescript(schema_sql(flavour))
+        conn.execute("begin immediate")
+        register(conn, flavour, infos)
+        conn.execute("commit")
+    except sqlite3.Error as e:
+        raise DatabaseError(f"cannot write the DB copy: {e}", item=str(dest)) from e
+    finally:
+        conn.close()
+    if source is not None:
+        st = source.stat()
+        os.chmod(dest, st.st_mode & 0o7777)
+        if os.geteuid() == 0:
+            os.chown(dest, st.st_uid, st.st_gid)
+    _fsync_file(dest)
+
+
+def write_copy(
+    source: Path | None, out: Path, flavour: Flavour, infos: Sequence[PathInfo]
+) -> None:
+    """Write the DB `source` (or a fresh one) plus `infos` to `out`; `source` is not touched."""
+    tmp = atomicfile.temp_path_for(out)
+    try:
+        _copy_with(source, tmp, flavour, infos)
+        os.rename(tmp, out)
+        atomicfile.fsync_dir(out.parent)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+@contextlib.contextmanager
+def big_lock(db_path: Path, flavour: Flavour, *, exclusive: bool) -> Iterator[None]:
+    with hold(
+        db_path.parent / "big-lock",
+        flavour.lock_primitive,
+        exclusive=exclusive,
+        blocking=False,
+        what="the daemon's big-lock (is the daemon running? stop it, or use --in-place)",
+    ):
+        yield
+
+
+def swap_in(db_path: Path, flavour: Flavour, infos: Sequence[PathInfo]) -> None:
+    """Register `infos` in a copy of `db_path` and rename the copy over it, under big-lock.
+
+    Holding big-lock exclusively means no daemon session has the DB open, so nothing written
+    between the copy and the rename can be lost. The old DB is checkpointed first so that no
+    `-wal` content can ever be replayed into the new file.
+    """
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    with big_lock(db_path, flavour, exclusive=True):
+        exists = db_path.exists()
+        if exists:
+            conn = _open_rw(db_path)
+            try:
+                conn.execute("pragma wal_checkpoint(truncate)")
+            except sqlite3.Error as e:
+                raise DatabaseError(f"cannot checkpoint: {e}", item=str(db_path)) from e
+            finally:
+                conn.close()
+        tmp = atomicfile.temp_path_for(db_path)
+        try:
+            _copy_with(db_path if exists else None, tmp, flavour, infos)
+            for suffix in ("-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(f"{db_path}{suffix}")
+            os.rename(tmp, db_path)
+            atomicfile.fsync_dir(db_path.parent)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+    write_schema_file(db_path, flavour)

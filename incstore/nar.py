@@ -1,0 +1,345 @@
+"""NAR: the Nix ARchive, the canonical serialisation of one store item.
+
+`dump` streams a file tree as NAR bytes (byte-exact with `nix-store --dump`) and `restore`
+rebuilds a tree from NAR bytes with canonical store metadata. Both compute the NAR's sha256 and
+size on the way, which is what the daemon DB records as `hash` and `narSize`.
+
+`restore` treats its input as hostile: names are checked (`..`, `.`, empty, `/`, NUL), entries
+must be strictly sorted (so no duplicates), every file is created with O_EXCL|O_NOFOLLOW relative
+to its parent's descriptor (so nothing is ever written through a symlink), declared lengths are
+streamed rather than allocated, padding must be zero, and trailing bytes are an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from incstore.errors import NarFormatError, StoreError
+
+MAGIC = b"nix-archive-1"
+MAX_DEPTH = 256  # two Python frames a level; real store trees stay far below
+MAX_NAME = 255  # NAME_MAX on Linux
+MAX_TARGET = 4095  # PATH_MAX - 1
+MAX_TOKEN = 16
+BLOCK = 1 << 18
+INLINE_FILE = 1 << 18
+CANONICAL_TIME = (1, 1)
+
+Sink = Callable[[bytes], object]
+Source = Callable[[int], bytes]
+
+
+@dataclass(frozen=True)
+class NarDigest:
+    """The sha256 (lower-case hex) and length of a NAR stream."""
+
+    sha256: str
+    size: int
+
+    @property
+    def db_hash(self) -> str:
+        """The form the daemon DB's `ValidPaths.hash` column uses."""
+        return "sha256:" + self.sha256
+
+
+def _pad(n: int) -> bytes:
+    return b"\0" * ((8 - n % 8) % 8)
+
+
+def _enc(data: bytes) -> bytes:
+    return len(data).to_bytes(8, "little") + data + _pad(len(data))
+
+
+_T = {
+    t: _enc(t)
+    for t in (
+        MAGIC, b"(", b")", b"type", b"regular", b"executable", b"", b"contents",
+        b"symlink", b"target", b"directory", b"entry", b"name", b"node",
+    )
+}
+_DIR_OPEN = _T[b"("] + _T[b"type"] + _T[b"directory"]
+_ENTRY_OPEN = _T[b"entry"] + _T[b"("] + _T[b"name"]
+_REGULAR = _T[b"("] + _T[b"type"] + _T[b"regular"]
+_EXEC_CONTENTS = _T[b"executable"] + _T[b""] + _T[b"contents"]
+
+
+class _Writer:
+    """Collects small tokens into one buffer so the sink sees few, large writes."""
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+        self.buf = bytearray()
+
+    def flush(self) -> None:
+        if self.buf:
+            self.sink(bytes(self.buf))
+            self.buf.clear()
+
+    def dump_node(self, dir_fd: int | None, name: str, depth: int) -> None:
+        if depth > MAX_DEPTH:
+            raise StoreError(f"directory tree deeper than {MAX_DEPTH} levels", item=name)
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if stat.S_ISREG(st.st_mode):
+            self.dump_file(dir_fd, name)
+        elif stat.S_ISLNK(st.st_mode):
+            target = os.readlink(name, dir_fd=dir_fd)
+            self.buf += _T[b"("] + _T[b"type"] + _T[b"symlink"] + _T[b"target"]
+            self.buf += _enc(os.fsencode(target)) + _T[b")"]
+        elif stat.S_ISDIR(st.st_mode):
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+            try:
+                names = sorted(os.fsencode(e.name) for e in os.scandir(fd))
+                self.buf += _DIR_OPEN
+                for raw in names:
+                    self.buf += _ENTRY_OPEN + _enc(raw) + _T[b"node"]
+                    self.dump_node(fd, os.fsdecode(raw), depth + 1)
+                    self.buf += _T[b")"]
+                self.buf += _T[b")"]
+            finally:
+                os.close(fd)
+        else:
+            raise StoreError("not a regular file, directory or symlink", item=name)
+        if len(self.buf) >= BLOCK:
+            self.flush()
+
+    def dump_file(self, dir_fd: int | None, name: str) -> None:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dir_fd)
+        try:
+            st = os.fstat(fd)
+            size = st.st_size
+            self.buf += _REGULAR
+            self.buf += _EXEC_CONTENTS if st.st_mode & stat.S_IXUSR else _T[b"contents"]
+            self.buf += size.to_bytes(8, "little")
+            if size <= INLINE_FILE:
+                data = os.read(fd, size + 1)
+                if len(data) != size:
+                    raise StoreError("file changed size while being read", item=name)
+                self.buf += data
+            else:
+                self.flush()
+                left = size
+                while left:
+                    block = os.read(fd, min(left, 1 << 20))
+                    if not block:
+                        raise StoreError("file shrank while being read", item=name)
+                    self.sink(block)
+                    left -= len(block)
+            self.buf += _pad(size) + _T[b")"]
+        finally:
+            os.close(fd)
+
+
+def dump(path: str | os.PathLike[str], sink: Sink) -> None:
+    """Write the NAR of `path` (a file, directory or symlink) to `sink` in large pieces."""
+    writer = _Writer(sink)
+    writer.buf += _T[MAGIC]
+    writer.dump_node(None, os.fspath(path), 0)
+    writer.flush()
+
+
+def dump_hashed(path: str | os.PathLike[str], sink: Sink | None = None) -> NarDigest:
+    """`dump`, also returning the NAR's sha256 and size."""
+    sha = hashlib.sha256()
+    size = 0
+
+    def tee(block: bytes) -> None:
+        nonlocal size
+        sha.update(block)
+        size += len(block)
+        if sink is not None:
+            sink(block)
+
+    dump(path, tee)
+    return NarDigest(sha.hexdigest(), size)
+
+
+def dump_bytes(path: str | os.PathLike[str]) -> bytes:
+    parts: list[bytes] = []
+    dump(path, parts.append)
+    return b"".join(parts)
+
+
+class _Reader:
+    """Buffered, hashing reader over a `read(n)` source; never allocates a declared length."""
+
+    def __init__(self, read: Source, item: str | None) -> None:
+        self._read = read
+        self.item = item
+        self.buf = b""
+        self.pos = 0
+        self.sha = hashlib.sha256()
+        self.total = 0
+
+    def fail(self, message: str) -> NarFormatError:
+        return NarFormatError(message, item=self.item)
+
+    def _fill(self, need: int) -> None:
+        while len(self.buf) - self.pos < need:
+            block = self._read(BLOCK)
+            if not block:
+                raise self.fail("NAR is truncated")
+            self.sha.update(block)
+            self.total += len(block)
+            self.buf = self.buf[self.pos :] + block
+            self.pos = 0
+
+    def take(self, n: int) -> bytes:
+        self._fill(n)
+        data = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        return data
+
+    def u64(self) -> int:
+        return int.from_bytes(self.take(8), "little")
+
+    def padding(self, n: int) -> None:
+        if n % 8 and self.take(8 - n % 8).strip(b"\0"):
+            raise self.fail("NAR padding is not zero")
+
+    def string(self, limit: int, what: str) -> bytes:
+        n = self.u64()
+        if n > limit:
+            raise self.fail(f"NAR {what} is {n} bytes long, more than the limit of {limit}")
+        data = self.take(n)
+        self.padding(n)
+        return data
+
+    def expect(self, token: bytes) -> None:
+        encoded = _T[token]
+        if self.take(len(encoded)) != encoded:
+            raise self.fail(f"NAR is malformed: expected {token.decode()!r}")
+
+    def copy_to(self, fd: int, n: int) -> None:
+        while n:
+            if self.pos == len(self.buf):
+                self.buf, self.pos = b"", 0
+                self._fill(1)
+            piece = min(n, len(self.buf) - self.pos)
+            view = memoryview(self.buf)[self.pos : self.pos + piece]
+            while view:
+                view = view[os.write(fd, view) :]
+            self.pos += piece
+            n -= piece
+
+    def check_end(self) -> None:
+        if self.pos != len(self.buf) or self._read(1):
+            raise self.fail("NAR has trailing data after its end")
+
+
+def _check_name(reader: _Reader, name: bytes) -> None:
+    if name in (b"", b".", b"..") or b"/" in name or b"\0" in name:
+        raise reader.fail(f"NAR entry has a forbidden name {name!r}")
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+class _Restorer:
+    def __init__(self, reader: _Reader, owner: tuple[int, int] | None) -> None:
+        self.r = reader
+        self.owner = owner
+
+    def node(self, parent: int, name: bytes, depth: int) -> None:
+        r = self.r
+        if depth > MAX_DEPTH:
+            raise r.fail(f"NAR is nested deeper than {MAX_DEPTH} levels")
+        r.expect(b"(")
+        r.expect(b"type")
+        kind = r.string(MAX_TOKEN, "node type")
+        if kind == b"regular":
+            self.regular(parent, name)
+        elif kind == b"symlink":
+            r.expect(b"target")
+            target = r.string(MAX_TARGET, "symlink target")
+            if not target or b"\0" in target:
+                raise r.fail("NAR symlink has an empty target or one containing NUL")
+            os.symlink(target, name, dir_fd=parent)
+            os.utime(name, CANONICAL_TIME, dir_fd=parent, follow_symlinks=False)
+            if self.owner:
+                os.chown(name, *self.owner, dir_fd=parent, follow_symlinks=False)
+        elif kind == b"directory":
+            self.directory(parent, name, depth)
+            return
+        else:
+            raise r.fail(f"NAR has an unknown node type {kind!r}")
+        r.expect(b")")
+
+    def regular(self, parent: int, name: bytes) -> None:
+        r = self.r
+        token = r.string(MAX_TOKEN, "token")
+        executable = token == b"executable"
+        if executable:
+            if r.string(MAX_TOKEN, "token") != b"":
+                raise r.fail("NAR is malformed: 'executable' must be followed by ''")
+            token = r.string(MAX_TOKEN, "token")
+        if token != b"contents":
+            raise r.fail("NAR is malformed: expected 'contents'")
+        size = r.u64()
+        mode = 0o555 if executable else 0o444
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(name, flags, mode, dir_fd=parent)
+        try:
+            r.copy_to(fd, size)
+            if _UMASK & mode:
+                os.fchmod(fd, mode)
+            if self.owner:
+                os.fchown(fd, *self.owner)
+            os.utime(fd, CANONICAL_TIME)
+        finally:
+            os.close(fd)
+        r.padding(size)
+
+    def directory(self, parent: int, name: bytes, depth: int) -> None:
+        r = self.r
+        os.mkdir(name, 0o700, dir_fd=parent)
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent)
+        try:
+            previous: bytes | None = None
+            while True:
+                token = r.string(MAX_TOKEN, "token")
+                if token == b")":
+                    break
+                if token != b"entry":
+                    raise r.fail("NAR is malformed: expected 'entry' or ')'")
+                r.expect(b"(")
+                r.expect(b"name")
+                entry = r.string(MAX_NAME, "entry name")
+                _check_name(r, entry)
+                if previous is not None and entry <= previous:
+                    raise r.fail(f"NAR entries are unsorted or duplicated at {entry!r}")
+                previous = entry
+                r.expect(b"node")
+                self.node(fd, entry, depth + 1)
+                r.expect(b")")
+            os.fchmod(fd, 0o555)
+            if self.owner:
+                os.fchown(fd, *self.owner)
+            os.utime(fd, CANONICAL_TIME)
+        finally:
+            os.close(fd)
+
+
+def restore(
+    read: Source,
+    dir_fd: int,
+    name: str,
+    *,
+    owner: tuple[int, int] | None = None,
+    item: str | None = None,
+) -> NarDigest:
+    """Rebuild the NAR read from `read` as `name` inside the directory `dir_fd`.
+
+    The tree gets canonical store metadata (files 0444 or 0555, directories 0555, mtime 1 on
+    everything, `owner` if given). `name` must not exist. On an error the partial tree is left
+    for the caller to remove; the caller decides where the tree may appear.
+    """
+    reader = _Reader(read, item)
+    reader.expect(MAGIC)
+    _Restorer(reader, owner).node(dir_fd, os.fsencode(name), 0)
+    reader.check_end()
+    return NarDigest(reader.sha.hexdigest(), reader.total)

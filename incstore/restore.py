@@ -1,0 +1,255 @@
+"""Restore: the verb that brings a manifest's missing items into a store and registers them.
+
+`plan_restore` compares the manifest with the target DB and the files on disk and decides, per
+item, whether it is present (valid and on disk: left alone) or must be extracted. It touches
+nothing, and `--dry-run` prints it. `execute_restore` extracts each missing item into a temporary
+name inside the store directory, verifies it (chunk xxh3 and size, NAR sha256 and size), renames
+it into place, and only then registers what succeeded, minus anything whose references failed,
+in one DB transaction. Nothing unverified ever appears under a final store path.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, BinaryIO, Literal
+
+import xxhash
+import zstandard
+
+from incstore import db, nar
+from incstore.chunkstore import ChunkStore
+from incstore.errors import ChunkCorruptError, IncstoreError, StoreError, combine
+from incstore.locks import hold
+from incstore.manifest import Item, Manifest
+from incstore.store import Store, remove_tree
+
+Progress = Callable[[str, str], None]
+DbMode = Literal["swap", "out", "in-place"]
+
+
+class Action(StrEnum):
+    PRESENT = "present"  # valid in the DB and on disk: untouched
+    EXTRACT = "extract"  # not on disk: extract and register
+    REPLACE = "replace"  # on disk but not valid (debris of an interrupted build): replace
+
+
+@dataclass(frozen=True)
+class RestorePlan:
+    manifest: Manifest
+    store: Store
+    cache: Path
+    db_path: Path  # the DB read to decide what is valid
+    db_mode: DbMode
+    db_out: Path | None
+    actions: dict[str, Action]
+
+    def paths(self, *actions: Action) -> list[str]:
+        return [p for p, a in self.actions.items() if a in actions]
+
+    @property
+    def to_extract(self) -> list[Item]:
+        wanted = set(self.paths(Action.EXTRACT, Action.REPLACE))
+        return [i for i in self.manifest.items if i.path in wanted]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "flavour": self.manifest.flavour.name,
+            "store": str(self.store.store_root),
+            "db": str(self.db_out or self.db_path),
+            "db_mode": self.db_mode,
+            "items": len(self.actions),
+            "present": self.paths(Action.PRESENT),
+            "extract": self.paths(Action.EXTRACT),
+            "replace": self.paths(Action.REPLACE),
+            "nar_bytes_to_extract": sum(i.info.nar_size for i in self.to_extract),
+        }
+
+
+def plan_restore(
+    manifest: Manifest,
+    prefix: Path,
+    cache: Path,
+    *,
+    db_path: Path | None = None,
+    db_out: Path | None = None,
+    in_place: bool = False,
+) -> RestorePlan:
+    store = Store(prefix, manifest.flavour)
+    target = db_path or store.default_db
+    valid = db.valid_paths(target, manifest.flavour) if target.exists() else {}
+    actions: dict[str, Action] = {}
+    for item in manifest.items:
+        on_disk = store.exists(item.path)
+        if item.path in valid and on_disk:
+            actions[item.path] = Action.PRESENT
+        elif on_disk:
+            actions[item.path] = Action.REPLACE
+        else:
+            actions[item.path] = Action.EXTRACT
+    mode: DbMode = "out" if db_out else "in-place" if in_place else "swap"
+    return RestorePlan(manifest, store, cache, target, mode, db_out, actions)
+
+
+class _HashingReader:
+    """Reads the compressed chunk, hashing and counting every byte taken from the file."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+        self.xxh = xxhash.xxh3_128()
+        self.size = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.xxh.update(data)
+        self.size += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+def extract_item(chunks: ChunkStore, store: Store, item: Item, store_fd: int) -> None:
+    """Extract one item to a temporary name, verify it, and rename it into place."""
+    info, chunk = item.info, item.chunk
+    final = item.path.rsplit("/", 1)[1]
+    tmp = store.temp_name(chunk.key)
+    with chunks.open_chunk(chunk.key, item=item.path) as f:
+        if os.fstat(f.fileno()).st_size != chunk.size:
+            raise ChunkCorruptError(
+                f"chunk {chunk.key} is {os.fstat(f.fileno()).st_size} bytes, "
+                f"the manifest says {chunk.size}",
+                item=item.path,
+            )
+        raw = _HashingReader(f)
+        try:
+            dctx = zstandard.ZstdDecompressor()
+            # _HashingReader has the read() that stream_reader needs; zstandard's stub asks IO
+            reader = dctx.stream_reader(raw, read_across_frames=False)  # type: ignore[arg-type]
+            digest = nar.restore(reader.read, store_fd, tmp, owner=store.owner(), item=item.path)
+            raw.drain()
+            if raw.xxh.hexdigest() != chunk.xxh3_128:
+                raise ChunkCorruptError(f"chunk {chunk.key} fails its xxh3 check", item=item.path)
+            if digest.db_hash != info.hash or digest.size != info.nar_size:
+                raise ChunkCorruptError(
+                    f"NAR hash {digest.db_hash} ({digest.size} bytes) is not the manifest's "
+                    f"{info.hash} ({info.nar_size} bytes)",
+                    item=item.path,
+                )
+            if os.path.lexists(os.path.join(store.store_root, final)):
+                # debris of an interrupted build or a path whose files the DB lost: moved aside
+                # first, so the final name is never without a complete tree for long
+                trash = store.temp_name(chunk.key)
+                os.rename(final, trash, src_dir_fd=store_fd, dst_dir_fd=store_fd)
+                remove_tree(store.store_root / trash)
+            os.rename(tmp, final, src_dir_fd=store_fd, dst_dir_fd=store_fd)
+        except zstandard.ZstdError as e:
+            remove_tree(store.store_root / tmp)
+            raise ChunkCorruptError(f"chunk {chunk.key} does not decompress: {e}",
+                                    item=item.path) from e
+        except IncstoreError:
+            remove_tree(store.store_root / tmp)
+            raise
+        except OSError as e:
+            remove_tree(store.store_root / tmp)
+            raise StoreError(f"cannot extract: {e}", item=item.path) from e
+
+
+@dataclass
+class RestoreResult:
+    plan: RestorePlan
+    extracted: list[str]
+    registered: list[str]
+    failed: list[IncstoreError]
+    swept: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "items": len(self.plan.actions),
+            "present": len(self.plan.paths(Action.PRESENT)),
+            "extracted": len(self.extracted),
+            "registered": len(self.registered),
+            "failed": [str(e) for e in self.failed],
+            "db": str(self.plan.db_out or self.plan.db_path),
+        }
+
+    def error(self) -> IncstoreError | None:
+        return combine(self.failed, "restore") if self.failed else None
+
+
+def _registrable(plan: RestorePlan, extracted: set[str]) -> list[db.PathInfo]:
+    """Extracted items all of whose references are present or registrable, transitively."""
+    ok = set(plan.paths(Action.PRESENT)) | extracted
+    by_path = plan.manifest.by_path()
+    changed = True
+    while changed:
+        changed = False
+        for path in list(ok):
+            if any(ref not in ok for ref in by_path[path].info.references):
+                ok.discard(path)
+                changed = True
+    return [by_path[p].info for p in sorted(ok & extracted)]
+
+
+def execute_restore(
+    plan: RestorePlan, *, jobs: int = 2, progress: Progress | None = None
+) -> RestoreResult:
+    store = plan.store
+    chunks = ChunkStore(plan.cache)
+    chunks.check_store_dir(plan.manifest.store_dir)
+    store.store_root.mkdir(parents=True, exist_ok=True)
+    store.state_root.mkdir(parents=True, exist_ok=True)
+    failed: list[IncstoreError] = []
+    extracted: list[str] = []
+    # a shared gc.lock makes a collection wait, so nothing extracted but not yet registered
+    # can be deleted under us
+    with hold(store.gc_lock, plan.manifest.flavour.lock_primitive, exclusive=False,
+              blocking=True, what="gc.lock"):
+        swept = store.sweep_temps()
+        store_fd = os.open(store.store_root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+
+            def one(item: Item) -> IncstoreError | None:
+                try:
+                    extract_item(chunks, store, item, store_fd)
+                except IncstoreError as e:
+                    return e
+                return None
+
+            todo = sorted(plan.to_extract, key=lambda i: -i.info.nar_size)
+            with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+                for item, error in zip(todo, pool.map(one, todo), strict=True):
+                    if error is not None:
+                        failed.append(error)
+                        if progress:
+                            progress("failed", str(error))
+                    else:
+                        extracted.append(item.path)
+                        if progress:
+                            progress("restored", item.path)
+        finally:
+            os.close(store_fd)
+        infos = _registrable(plan, set(extracted))
+        if infos or plan.db_mode == "out" or not plan.db_path.exists():
+            _register(plan, infos)
+    return RestoreResult(plan, sorted(extracted), [i.path for i in infos], failed, swept)
+
+
+def _register(plan: RestorePlan, infos: list[db.PathInfo]) -> None:
+    flavour = plan.manifest.flavour
+    source = plan.db_path if plan.db_path.exists() else None
+    if plan.db_mode == "out":
+        assert plan.db_out is not None
+        db.write_copy(source, plan.db_out, flavour, infos)
+    elif plan.db_mode == "in-place" and source is not None:
+        with db.big_lock(plan.db_path, flavour, exclusive=False):
+            db.register_in_place(plan.db_path, flavour, infos)
+    else:
+        db.swap_in(plan.db_path, flavour, infos)
+
+

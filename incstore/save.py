@@ -1,0 +1,253 @@
+"""Save: the verb that writes a store's valid paths into a chunk store and a manifest.
+
+`plan_save` reads the daemon DB (one snapshot) and the chunk store's listing and decides, per
+item, whether its chunk must be written or is already there; it touches nothing. `execute_save`
+serialises each new item to NAR, checks the NAR's sha256 against the DB, compresses it into the
+chunk store, and writes the manifest last, so a manifest never names a chunk that is not there.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import xxhash
+import zstandard
+
+from incstore import db, nar
+from incstore.chunkstore import ChunkStore, NarInfo
+from incstore.errors import IncstoreError, StoreError, StoreHashMismatchError, combine
+from incstore.manifest import ChunkRef, Item, Manifest, now_utc
+from incstore.store import Store
+from incstore.storepath import StorePath, nix32_encode
+
+MT_THRESHOLD = 32 << 20  # items above this use zstd's own worker threads as well
+
+Progress = Callable[[str, str], None]
+
+
+def narinfo_hash(db_hash: str) -> str:
+    """`sha256:<hex>` as the DB has it, to `sha256:<nix32>` as narinfo files have it."""
+    return "sha256:" + nix32_encode(bytes.fromhex(db_hash.removeprefix("sha256:")))
+
+
+def chunk_key(info: db.PathInfo, store_dir: str, taken: NarInfo | None) -> str:
+    """The item's key: its hash part, unless that chunk holds a different NAR of the same path."""
+    hash_part = StorePath.parse(info.path, store_dir).hash_part
+    if taken is None or taken.nar_hash == narinfo_hash(info.hash):
+        return hash_part
+    return f"{hash_part}.{narinfo_hash(info.hash)[len('sha256:'):][:12]}"
+
+
+@dataclass(frozen=True)
+class SavePlan:
+    """What a save will do: which items it records, which chunks it must write."""
+
+    flavour: db.Flavour
+    store: Store
+    cache: Path
+    items: tuple[db.PathInfo, ...]
+    keys: dict[str, str]  # path -> chunk key
+    reused: dict[str, ChunkRef] = field(default_factory=dict)  # path -> existing chunk
+
+    @property
+    def to_write(self) -> list[db.PathInfo]:
+        return [i for i in self.items if i.path not in self.reused]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "flavour": self.flavour.name,
+            "cache": str(self.cache),
+            "items": len(self.items),
+            "write": [i.path for i in self.to_write],
+            "reuse": sorted(self.reused),
+            "nar_bytes_to_write": sum(i.nar_size for i in self.to_write),
+        }
+
+
+def plan_save(
+    db_path: Path,
+    prefix: Path,
+    cache: Path,
+    closure_of: Iterable[str] = (),
+    exclude_paths: Iterable[str] = (),
+) -> SavePlan:
+    snapshot = db.read_snapshot(db_path)
+    flavour = snapshot.flavour
+    roots = list(closure_of)
+    paths = snapshot.closure(roots) if roots else sorted(snapshot.infos)
+    excluded = set(exclude_paths)
+    infos = tuple(snapshot.infos[p] for p in paths if p not in excluded)
+    store = ChunkStore(cache)
+    if (cache / "nix-cache-info").exists():
+        store.check_store_dir(flavour.store_dir)
+    complete = store.complete_keys()
+    keys: dict[str, str] = {}
+    reused: dict[str, ChunkRef] = {}
+    for info in infos:
+        hash_part = StorePath.parse(info.path, flavour.store_dir).hash_part
+        taken = store.read_narinfo(hash_part) if hash_part in complete else None
+        key = chunk_key(info, flavour.store_dir, taken)
+        keys[info.path] = key
+        if key in complete:
+            existing = taken if key == hash_part else store.read_narinfo(key)
+            assert existing is not None
+            reused[info.path] = ChunkRef(key, existing.file_size, existing.xxh3_128)
+    return SavePlan(flavour, Store(prefix, flavour), cache, infos, keys, reused)
+
+
+class _HashingWriter:
+    """File-like sink that hashes and counts the compressed bytes on their way to disk."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+        self.xxh = xxhash.xxh3_128()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.xxh.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _narinfo(info: db.PathInfo, key: str, ref: ChunkRef) -> NarInfo:
+    def base(path: str) -> str:
+        return path.rsplit("/", 1)[1]
+
+    return NarInfo(
+        store_path=info.path,
+        url=f"nar/{key}.nar.zst",
+        file_size=ref.size,
+        nar_hash=narinfo_hash(info.hash),
+        nar_size=info.nar_size,
+        references=tuple(base(r) for r in info.references),
+        deriver=base(info.deriver) if info.deriver else None,
+        xxh3_128=ref.xxh3_128,
+        ca=info.ca,
+        sigs=tuple(info.sigs.split()) if info.sigs else (),
+    )
+
+
+def write_chunk(
+    chunks: ChunkStore, store: Store, info: db.PathInfo, key: str, level: int, threads: int
+) -> ChunkRef:
+    """Serialise, verify and compress one item into the chunk store; return its chunk ref."""
+    source = store.physical(info.path)
+    if not os.path.lexists(source):
+        raise StoreError("is valid in the DB but missing from the store", item=info.path)
+    cctx = zstandard.ZstdCompressor(
+        level=level, write_checksum=True, write_content_size=True, threads=threads
+    )
+    digest: nar.NarDigest | None = None
+    with chunks.write_chunk(key) as f:
+        out = _HashingWriter(f)
+        try:
+            # _HashingWriter has the write() stream_writer needs; zstandard's stub asks IO
+            writer = cctx.stream_writer(out, size=info.nar_size, closefd=False)  # type: ignore[arg-type]
+            with writer as zw:
+                digest = nar.dump_hashed(source, zw.write)
+        except zstandard.ZstdError:
+            if digest is None or digest.size == info.nar_size:
+                raise
+            # the declared content size did not match: reported below as a hash mismatch
+        except OSError as e:
+            raise StoreError(f"cannot read: {e}", item=info.path) from e
+        assert digest is not None
+        if digest.db_hash != info.hash or digest.size != info.nar_size:
+            raise StoreHashMismatchError(
+                f"contents changed: NAR is {digest.db_hash} ({digest.size} bytes) but the DB "
+                f"records {info.hash} ({info.nar_size} bytes); not saved",
+                item=info.path,
+            )
+    ref = ChunkRef(key, out.size, out.xxh.hexdigest())
+    chunks.write_narinfo(key, _narinfo(info, key, ref))
+    return ref
+
+
+@dataclass
+class SaveResult:
+    manifest: Manifest
+    written: list[str]
+    reused: list[str]
+    failed: list[IncstoreError]
+    bytes_written: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "items": len(self.manifest.items),
+            "written": len(self.written),
+            "reused": len(self.reused),
+            "failed": [str(e) for e in self.failed],
+            "chunk_bytes_written": self.bytes_written,
+        }
+
+    def error(self) -> IncstoreError | None:
+        """The error the run as a whole ends with, if any item failed."""
+        return combine(self.failed, "save") if self.failed else None
+
+
+def _without_dependents(items: Iterable[Item], bad: set[str]) -> list[Item]:
+    """Drop items that (transitively) reference a path in `bad`, so the manifest stays closed."""
+    remaining = list(items)
+    changed = True
+    while changed:
+        kept = [i for i in remaining if not (set(i.info.references) & bad)]
+        changed = len(kept) != len(remaining)
+        bad |= {i.path for i in remaining} - {i.path for i in kept}
+        remaining = kept
+    return remaining
+
+
+def execute_save(
+    plan: SavePlan,
+    manifest_path: Path,
+    *,
+    jobs: int = 2,
+    level: int = 3,
+    progress: Progress | None = None,
+) -> SaveResult:
+    chunks = ChunkStore(plan.cache)
+    chunks.init(plan.flavour.store_dir)
+    refs: dict[str, ChunkRef] = dict(plan.reused)
+    failed: list[IncstoreError] = []
+    written: list[str] = []
+
+    def one(info: db.PathInfo) -> tuple[db.PathInfo, ChunkRef | IncstoreError]:
+        threads = jobs if info.nar_size > MT_THRESHOLD and jobs > 1 else 0
+        try:
+            return info, write_chunk(chunks, plan.store, info, plan.keys[info.path], level, threads)
+        except IncstoreError as e:
+            return info, e
+
+    # large items first, so the tail of the run is not one big item on one core
+    todo = sorted(plan.to_write, key=lambda i: -i.nar_size)
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        for info, outcome in pool.map(one, todo):
+            if isinstance(outcome, IncstoreError):
+                failed.append(outcome)
+                if progress:
+                    progress("failed", str(outcome))
+                continue
+            refs[info.path] = outcome
+            written.append(info.path)
+            if progress:
+                progress("saved", info.path)
+    items = [Item(info, refs[info.path]) for info in plan.items if info.path in refs]
+    items = _without_dependents(items, {e.item for e in failed if e.item})
+    manifest = Manifest(plan.flavour, tuple(items), now_utc())
+    manifest.write(manifest_path)
+    result = SaveResult(
+        manifest,
+        written,
+        sorted(plan.reused),
+        failed,
+        sum(refs[p].size for p in written),
+    )
+    return result

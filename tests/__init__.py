@@ -1,0 +1,1 @@
+"""The incstore test suite."""

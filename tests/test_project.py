@@ -1,0 +1,61 @@
+"""Project rules kept true by tests: the README's exit-code table, ruff and mypy."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from incstore.errors import EXIT_CODES
+
+from .conftest import ROOT
+
+
+def test_readme_exit_code_table_matches_the_code() -> None:
+    readme = (ROOT / "README.md").read_text()
+    table = dict(
+        (int(code), text.strip())
+        for code, text in re.findall(r"^\| (\d+) \| (.+?) \|$", readme, flags=re.M)
+    )
+    assert table == EXIT_CODES
+
+
+def test_exit_codes_are_distinct_per_error_class() -> None:
+    from incstore import errors
+
+    classes = [c for c in vars(errors).values()
+               if isinstance(c, type) and issubclass(c, errors.IncstoreError)
+               and c is not errors.IncstoreError]
+    codes = [c.exit_code for c in classes]
+    assert len(codes) == len(set(codes))
+    assert all(code in EXIT_CODES for code in codes)
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    readme = (ROOT / "README.md").read_text()
+    command = "python3 -m pip install -e '.[test]' && python3 -m pytest"
+    assert command in readme
+    assert command in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+@pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff not installed")
+def test_ruff_is_clean() -> None:
+    proc = subprocess.run(["ruff", "check", "incstore"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+
+
+def test_mypy_is_clean() -> None:
+    pytest.importorskip("mypy")
+    proc = subprocess.run([sys.executable, "-m", "mypy"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+
+
+def test_every_module_opens_with_a_docstring() -> None:
+    import ast
+
+    for path in sorted((ROOT / "incstore").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        assert ast.get_docstring(tree), path.name
