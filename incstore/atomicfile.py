@@ -15,11 +15,47 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from incstore import faults
+
 TEMP_PREFIX = ".tmp-incstore-"
 
 
 def is_temp_name(name: str) -> bool:
     return name.startswith(TEMP_PREFIX)
+
+
+def writer_alive(pid: int) -> bool:
+    """Whether the process that named a temporary file after itself still runs."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def temp_owner(name: str, prefix: str) -> int | None:
+    pid = name[len(prefix) :].split("-", 1)[0]
+    return int(pid) if pid.isdigit() else None
+
+
+def sweep(directory: Path) -> list[str]:
+    """Delete the temporary files that writers which have died left in `directory`."""
+    removed = []
+    with contextlib.suppress(FileNotFoundError), os.scandir(directory) as entries:
+        for entry in entries:
+            if not is_temp_name(entry.name):
+                continue
+            pid = temp_owner(entry.name, TEMP_PREFIX)
+            if pid is not None and writer_alive(pid):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+            removed.append(entry.name)
+    return removed
 
 
 def temp_path_for(final: Path) -> Path:
@@ -34,9 +70,19 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+class AlreadyExists(Exception):
+    """`atomic_writer(create_only=True)` found the final name taken by another writer."""
+
+
 @contextlib.contextmanager
-def atomic_writer(final: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
-    """Yield a binary file; on a clean exit it replaces `final` atomically, else it is removed."""
+def atomic_writer(final: Path, mode: int = 0o644, *, create_only: bool = False
+                  ) -> Iterator[BinaryIO]:
+    """Yield a binary file; on a clean exit it replaces `final` atomically, else it is removed.
+
+    With `create_only`, an existing `final` is never replaced (the file is linked into place,
+    which fails if the name exists) and `AlreadyExists` is raised instead: the first of two
+    racing writers of a write-once file wins.
+    """
     tmp = temp_path_for(final)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
@@ -44,12 +90,21 @@ def atomic_writer(final: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.rename(tmp, final)
+        faults.point("atomicfile.before-rename")
+        if create_only:
+            try:
+                os.link(tmp, final)
+            except FileExistsError:
+                raise AlreadyExists(str(final)) from None
+            os.unlink(tmp)
+        else:
+            os.rename(tmp, final)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
     fsync_dir(final.parent)
+    faults.point("atomicfile.after-rename")
 
 
 def write_bytes(final: Path, data: bytes, mode: int = 0o644) -> None:

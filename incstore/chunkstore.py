@@ -15,6 +15,7 @@ the chunk file, sha256 and size of the NAR). See schema/FORMAT.md.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 from collections.abc import Iterator
@@ -22,8 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+import xxhash
+import zstandard
+
 from incstore import atomicfile
-from incstore.errors import ChunkMissingError, ChunkStoreError
+from incstore.errors import ChunkCorruptError, ChunkMissingError, ChunkStoreError
 from incstore.storepath import NIX32_ALPHABET
 
 CACHE_INFO = "nix-cache-info"
@@ -99,6 +103,16 @@ class NarInfo:
             raise ChunkStoreError(f"narinfo is malformed: {e}", item=key) from e
 
 
+@dataclass(frozen=True)
+class ChunkDigest:
+    """What reading a whole chunk tells: its file size and xxh3, its NAR's sha256 and size."""
+
+    size: int
+    xxh3_128: str
+    nar_sha256: str
+    nar_size: int
+
+
 def check_key(key: str) -> str:
     if not KEY_RE.fullmatch(key):
         raise ChunkStoreError(f"invalid chunk key {key!r}")
@@ -164,9 +178,44 @@ class ChunkStore:
 
     @contextlib.contextmanager
     def write_chunk(self, key: str) -> Iterator[BinaryIO]:
-        """Yield a file for the compressed chunk; it appears under its key only on success."""
-        with atomicfile.atomic_writer(self.chunk_path(key)) as f:
+        """Yield a file for the compressed chunk; it appears under its key only on success.
+
+        Chunks are write-once: if the key exists when the file is complete, `AlreadyExists`
+        is raised and the existing chunk is left as it is.
+        """
+        with atomicfile.atomic_writer(self.chunk_path(key), create_only=True) as f:
             yield f
+
+    def inspect(self, key: str, *, item: str | None = None) -> ChunkDigest:
+        """Read a whole chunk: its size and xxh3, and the sha256 and size of the NAR inside."""
+        xxh = xxhash.xxh3_128()
+        sha = hashlib.sha256()
+        size = nar_size = 0
+        with self.open_chunk(key, item=item) as f:
+            dobj = zstandard.ZstdDecompressor().decompressobj()
+            try:
+                while block := f.read(1 << 20):
+                    xxh.update(block)
+                    size += len(block)
+                    if dobj.eof:
+                        raise ChunkCorruptError(f"chunk {key} has data after its frame",
+                                                item=item or key)
+                    out = dobj.decompress(block)
+                    sha.update(out)
+                    nar_size += len(out)
+            except zstandard.ZstdError as e:
+                raise ChunkCorruptError(f"chunk {key} does not decompress: {e}",
+                                        item=item or key) from e
+            if not dobj.eof:
+                raise ChunkCorruptError(f"chunk {key} is truncated", item=item or key)
+            if dobj.unused_data:
+                raise ChunkCorruptError(f"chunk {key} has data after its frame", item=item or key)
+        return ChunkDigest(size, xxh.hexdigest(), sha.hexdigest(), nar_size)
+
+    def sweep(self) -> list[str]:
+        """Delete temporary files that writers which died left behind."""
+        return [name for sub in (self.root, self.root / NAR_DIR, self.root / MANIFEST_DIR)
+                for name in atomicfile.sweep(sub)]
 
     def write_narinfo(self, key: str, info: NarInfo) -> None:
         atomicfile.write_bytes(self.narinfo_path(key), info.render().encode())

@@ -22,7 +22,7 @@ from typing import Literal
 
 import sqlite_utils
 
-from incstore import atomicfile
+from incstore import atomicfile, faults
 from incstore.errors import DatabaseError, ManifestError
 from incstore.locks import Primitive, hold
 
@@ -194,6 +194,17 @@ def valid_paths(db_path: Path, flavour: Flavour) -> dict[str, str]:
                 item=str(db_path),
             )
         return dict(conn.execute("select path, hash from ValidPaths").fetchall())
+    except sqlite3.Error as e:
+        raise DatabaseError(f"cannot read: {e}", item=str(db_path)) from e
+    finally:
+        conn.close()
+
+
+def is_valid(db_path: Path, path: str) -> bool:
+    conn = _connect_ro(db_path)
+    try:
+        row = conn.execute("select 1 from ValidPaths where path = ?", (path,)).fetchone()
+        return row is not None
     except sqlite3.Error as e:
         raise DatabaseError(f"cannot read: {e}", item=str(db_path)) from e
     finally:
@@ -384,11 +395,13 @@ def swap_in(db_path: Path, flavour: Flavour, infos: Sequence[PathInfo]) -> None:
         tmp = atomicfile.temp_path_for(db_path)
         try:
             _copy_with(db_path if exists else None, tmp, flavour, infos)
+            faults.point("db.copy-written")
             for suffix in ("-wal", "-shm"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(f"{db_path}{suffix}")
             os.rename(tmp, db_path)
             atomicfile.fsync_dir(db_path.parent)
+            faults.point("db.swapped")
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import resource
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
@@ -50,3 +51,45 @@ def hold(
         yield
     finally:
         os.close(fd)
+
+
+class PathLock:
+    """The daemon's per-item lock `<store path>.lock`, held while an item is being created.
+
+    Protocol (Guix pathlocks.cc, Nix the same): lock the file; if it is not empty a previous
+    holder deleted it after use (it wrote the stale marker `d`), so open it anew; when done,
+    unlink it, write `d` into the still-open descriptor, and close.
+    """
+
+    def __init__(self, path: Path, primitive: Primitive) -> None:
+        self.path = path
+        self.primitive = primitive
+        self.fd: int | None = None
+
+    def acquire(self, *, blocking: bool = True) -> bool:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            if not _acquire(fd, self.primitive, exclusive=True, blocking=blocking):
+                os.close(fd)
+                return False
+            if os.fstat(fd).st_size == 0:
+                self.fd = fd
+                return True
+            os.close(fd)  # stale: its holder deleted it; try the new file
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        os.write(self.fd, b"d")
+        os.close(self.fd)
+        self.fd = None
+
+
+def ensure_open_files(wanted: int) -> None:
+    """Raise the soft limit on open files so that one lock per restored item fits."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))

@@ -21,10 +21,10 @@ from typing import Any, BinaryIO, Literal
 import xxhash
 import zstandard
 
-from incstore import db, nar
+from incstore import atomicfile, db, faults, nar
 from incstore.chunkstore import ChunkStore
 from incstore.errors import ChunkCorruptError, IncstoreError, StoreError, combine
-from incstore.locks import hold
+from incstore.locks import PathLock, ensure_open_files, hold
 from incstore.manifest import Item, Manifest
 from incstore.store import Store, remove_tree
 
@@ -132,6 +132,7 @@ def extract_item(chunks: ChunkStore, store: Store, item: Item, store_fd: int) ->
             # _HashingReader has the read() that stream_reader needs; zstandard's stub asks IO
             reader = dctx.stream_reader(raw, read_across_frames=False)  # type: ignore[arg-type]
             digest = nar.restore(reader.read, store_fd, tmp, owner=store.owner(), item=item.path)
+            faults.point("restore.extracted")
             raw.drain()
             if raw.xxh.hexdigest() != chunk.xxh3_128:
                 raise ChunkCorruptError(f"chunk {chunk.key} fails its xxh3 check", item=item.path)
@@ -148,6 +149,7 @@ def extract_item(chunks: ChunkStore, store: Store, item: Item, store_fd: int) ->
                 os.rename(final, trash, src_dir_fd=store_fd, dst_dir_fd=store_fd)
                 remove_tree(store.store_root / trash)
             os.rename(tmp, final, src_dir_fd=store_fd, dst_dir_fd=store_fd)
+            faults.point("restore.renamed")
         except zstandard.ZstdError as e:
             remove_tree(store.store_root / tmp)
             raise ChunkCorruptError(f"chunk {chunk.key} does not decompress: {e}",
@@ -182,9 +184,9 @@ class RestoreResult:
         return combine(self.failed, "restore") if self.failed else None
 
 
-def _registrable(plan: RestorePlan, extracted: set[str]) -> list[db.PathInfo]:
+def _registrable(plan: RestorePlan, extracted: set[str], valid: set[str]) -> list[db.PathInfo]:
     """Extracted items all of whose references are present or registrable, transitively."""
-    ok = set(plan.paths(Action.PRESENT)) | extracted
+    ok = set(plan.paths(Action.PRESENT)) | extracted | valid
     by_path = plan.manifest.by_path()
     changed = True
     while changed:
@@ -196,47 +198,75 @@ def _registrable(plan: RestorePlan, extracted: set[str]) -> list[db.PathInfo]:
     return [by_path[p].info for p in sorted(ok & extracted)]
 
 
+def _sweep_stale_locks(plan: RestorePlan) -> None:
+    """Delete the `.lock` files of present items that nobody holds (left by a killed run)."""
+    primitive = plan.manifest.flavour.lock_primitive
+    with os.scandir(plan.store.store_root) as entries:
+        names = {e.name for e in entries if e.name.endswith(".lock")}
+    for path in plan.paths(Action.PRESENT):
+        lock_file = plan.store.lock_file(path)
+        if lock_file.name in names:
+            lock = PathLock(lock_file, primitive)
+            if lock.acquire(blocking=False):
+                lock.release()
+
+
 def execute_restore(
     plan: RestorePlan, *, jobs: int = 2, progress: Progress | None = None
 ) -> RestoreResult:
     store = plan.store
+    flavour = plan.manifest.flavour
     chunks = ChunkStore(plan.cache)
     chunks.check_store_dir(plan.manifest.store_dir)
     store.store_root.mkdir(parents=True, exist_ok=True)
     store.state_root.mkdir(parents=True, exist_ok=True)
+    todo = sorted(plan.to_extract, key=lambda i: -i.info.nar_size)
+    ensure_open_files(len(todo) + 256)
     failed: list[IncstoreError] = []
     extracted: list[str] = []
+    became_valid: list[str] = []
+    locks: list[PathLock] = []
     # a shared gc.lock makes a collection wait, so nothing extracted but not yet registered
     # can be deleted under us
-    with hold(store.gc_lock, plan.manifest.flavour.lock_primitive, exclusive=False,
-              blocking=True, what="gc.lock"):
+    with hold(store.gc_lock, flavour.lock_primitive, exclusive=False, blocking=True,
+              what="gc.lock"):
         swept = store.sweep_temps()
+        atomicfile.sweep(plan.db_path.parent)
         store_fd = os.open(store.store_root, os.O_RDONLY | os.O_DIRECTORY)
         try:
 
-            def one(item: Item) -> IncstoreError | None:
+            def one(item: Item) -> IncstoreError | bool:
+                lock = PathLock(store.lock_file(item.path), flavour.lock_primitive)
+                lock.acquire()
+                locks.append(lock)
+                # a daemon session may have built or substituted it while we waited
+                if (store.exists(item.path) and plan.db_path.exists()
+                        and db.is_valid(plan.db_path, item.path)):
+                    return False
                 try:
                     extract_item(chunks, store, item, store_fd)
                 except IncstoreError as e:
                     return e
-                return None
+                return True
 
-            todo = sorted(plan.to_extract, key=lambda i: -i.info.nar_size)
             with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-                for item, error in zip(todo, pool.map(one, todo), strict=True):
-                    if error is not None:
-                        failed.append(error)
+                for item, outcome in zip(todo, pool.map(one, todo), strict=True):
+                    if isinstance(outcome, IncstoreError):
+                        failed.append(outcome)
                         if progress:
-                            progress("failed", str(error))
-                    else:
-                        extracted.append(item.path)
-                        if progress:
-                            progress("restored", item.path)
+                            progress("failed", str(outcome))
+                        continue
+                    (extracted if outcome else became_valid).append(item.path)
+                    if progress:
+                        progress("restored", item.path)
+            infos = _registrable(plan, set(extracted), set(became_valid))
+            if infos or plan.db_mode == "out" or not plan.db_path.exists():
+                _register(plan, infos)
         finally:
             os.close(store_fd)
-        infos = _registrable(plan, set(extracted))
-        if infos or plan.db_mode == "out" or not plan.db_path.exists():
-            _register(plan, infos)
+            for lock in locks:
+                lock.release()
+        _sweep_stale_locks(plan)
     return RestoreResult(plan, sorted(extracted), [i.path for i in infos], failed, swept)
 
 

@@ -18,7 +18,8 @@ from typing import Any, BinaryIO
 import xxhash
 import zstandard
 
-from incstore import db, nar
+from incstore import atomicfile, db, nar
+from incstore.atomicfile import AlreadyExists
 from incstore.chunkstore import ChunkStore, NarInfo
 from incstore.errors import IncstoreError, StoreError, StoreHashMismatchError, combine
 from incstore.manifest import ChunkRef, Item, Manifest, now_utc
@@ -35,12 +36,17 @@ def narinfo_hash(db_hash: str) -> str:
     return "sha256:" + nix32_encode(bytes.fromhex(db_hash.removeprefix("sha256:")))
 
 
+def variant_key(info: db.PathInfo, store_dir: str) -> str:
+    """The key of an item whose hash part is taken by a different NAR of the same path."""
+    hash_part = StorePath.parse(info.path, store_dir).hash_part
+    return f"{hash_part}.{narinfo_hash(info.hash).removeprefix('sha256:')[:12]}"
+
+
 def chunk_key(info: db.PathInfo, store_dir: str, taken: NarInfo | None) -> str:
     """The item's key: its hash part, unless that chunk holds a different NAR of the same path."""
-    hash_part = StorePath.parse(info.path, store_dir).hash_part
     if taken is None or taken.nar_hash == narinfo_hash(info.hash):
-        return hash_part
-    return f"{hash_part}.{narinfo_hash(info.hash)[len('sha256:'):][:12]}"
+        return StorePath.parse(info.path, store_dir).hash_part
+    return variant_key(info, store_dir)
 
 
 @dataclass(frozen=True)
@@ -144,22 +150,31 @@ def write_chunk(
         raise StoreError("is valid in the DB but missing from the store", item=info.path)
     # no pledged content size: an item that changed size must reach the hash check below
     cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, threads=threads)
-    with chunks.write_chunk(key) as f:
-        out = _HashingWriter(f)
-        try:
-            # _HashingWriter has the write() stream_writer needs; zstandard's stub asks IO
-            writer = cctx.stream_writer(out, closefd=False)  # type: ignore[arg-type]
-            with writer as zw:
-                digest = nar.dump_hashed(source, zw.write)
-        except OSError as e:
-            raise StoreError(f"cannot read: {e}", item=info.path) from e
-        if digest.db_hash != info.hash or digest.size != info.nar_size:
-            raise StoreHashMismatchError(
-                f"contents changed: NAR is {digest.db_hash} ({digest.size} bytes) but the DB "
-                f"records {info.hash} ({info.nar_size} bytes); not saved",
-                item=info.path,
-            )
-    ref = ChunkRef(key, out.size, out.xxh.hexdigest())
+    try:
+        with chunks.write_chunk(key) as f:
+            out = _HashingWriter(f)
+            try:
+                # _HashingWriter has the write() stream_writer needs; zstandard's stub asks IO
+                writer = cctx.stream_writer(out, closefd=False)  # type: ignore[arg-type]
+                with writer as zw:
+                    digest = nar.dump_hashed(source, zw.write)
+            except OSError as e:
+                raise StoreError(f"cannot read: {e}", item=info.path) from e
+            if digest.db_hash != info.hash or digest.size != info.nar_size:
+                raise StoreHashMismatchError(
+                    f"contents changed: NAR is {digest.db_hash} ({digest.size} bytes) but the "
+                    f"DB records {info.hash} ({info.nar_size} bytes); not saved",
+                    item=info.path,
+                )
+        ref = ChunkRef(key, out.size, out.xxh.hexdigest())
+    except AlreadyExists:
+        # another save wrote this chunk first (or one that died before its narinfo): keep
+        # theirs if it holds our NAR, else ours goes under the key for a different NAR
+        found = chunks.inspect(key)
+        if (found.nar_sha256, found.nar_size) != (info.hash.removeprefix("sha256:"), info.nar_size):
+            return write_chunk(chunks, store, info, variant_key(info, store.flavour.store_dir),
+                               level, threads)
+        ref = ChunkRef(key, found.size, found.xxh3_128)
     chunks.write_narinfo(key, _narinfo(info, key, ref))
     return ref
 
@@ -208,6 +223,8 @@ def execute_save(
 ) -> SaveResult:
     chunks = ChunkStore(plan.cache)
     chunks.init(plan.flavour.store_dir)
+    chunks.sweep()
+    atomicfile.sweep(manifest_path.parent)
     refs: dict[str, ChunkRef] = dict(plan.reused)
     failed: list[IncstoreError] = []
     written: list[str] = []

@@ -15,6 +15,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from incstore.atomicfile import temp_owner, writer_alive
 from incstore.db import Flavour
 
 TEMP_PREFIX = ".incstore-tmp-"
@@ -63,6 +64,9 @@ class Store:
         owner = (st.st_uid, st.st_gid if st.st_uid != 0 else 0)
         return None if owner == (0, 0) else owner
 
+    def lock_file(self, store_path: str) -> Path:
+        return self.physical(store_path).with_name(store_path.rsplit("/", 1)[1] + ".lock")
+
     def temp_name(self, key: str) -> str:
         return f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{key}"
 
@@ -73,22 +77,12 @@ class Store:
             for entry in entries:
                 if not entry.name.startswith(TEMP_PREFIX):
                     continue
-                pid = entry.name[len(TEMP_PREFIX) :].split("-", 1)[0]
-                if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+                pid = temp_owner(entry.name, TEMP_PREFIX)
+                if pid is not None and writer_alive(pid):
                     continue
                 remove_tree(Path(entry.path))
                 removed.append(entry.name)
         return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def remove_tree(path: Path) -> None:
