@@ -16,7 +16,7 @@ from pathlib import Path
 
 from incstore import db, nar
 from incstore.db import Flavour, PathInfo
-from incstore.store import Store
+from incstore.store import Store, canonicalise
 from incstore.storepath import nix32_encode
 
 _PROSE = (
@@ -69,6 +69,7 @@ def _build_item(rng: random.Random, root: Path, path: str, refs: list[str], spec
     if kind == 3 and index % 8 == 3:
         # a single-file item, like a builder script or a patch
         _write(root, b"#!/bin/sh\n" + _text(rng, 400, refs), executable=True)
+        canonicalise(root)
         return
     root.mkdir()
     (root / "bin").mkdir()
@@ -92,10 +93,7 @@ def _build_item(rng: random.Random, root: Path, path: str, refs: list[str], spec
             _write(mods / f"module-{m:03d}.scm", _text(rng, rng.randint(200, 3000), refs))
             _write(mods / f"module-{m:03d}.go", _blob(rng, rng.randint(500, 4000)))
     _write(root / "share" / "refs", "\n".join([*refs, path]).encode())
-    for d in sorted(root.rglob("*"), reverse=True):
-        if d.is_dir() and not d.is_symlink():
-            d.chmod(0o555)
-    root.chmod(0o555)
+    canonicalise(root)
 
 
 def _derivation(path: str, outputs: list[tuple[str, str]], refs: list[str]) -> bytes:
@@ -137,6 +135,7 @@ def _generate(store: Store, count: int, existing: list[str], rng: random.Random,
             # the derivation that "built" it: a .drv text with its DerivationOutputs row
             drv = new_store_path(rng, store.flavour, f"{name}.drv")
             _write(store.physical(drv), _derivation(drv, [("out", path)], refs))
+            canonicalise(store.physical(drv))
             made.append(_info(store, drv, tuple(refs), None, (("out", path),), index))
             made[-2] = _info(store, path, tuple(sorted(references)), drv, (), index)
     return made

@@ -85,6 +85,23 @@ class Store:
         return removed
 
 
+def canonicalise(root: Path) -> None:
+    """Give a tree the daemon's canonical metadata: 0444/0555 files, 0555 dirs, mtime 1."""
+
+    def fix(path: str, st: os.stat_result) -> None:
+        if not stat.S_ISLNK(st.st_mode):
+            exe = stat.S_ISDIR(st.st_mode) or st.st_mode & stat.S_IXUSR
+            os.chmod(path, 0o555 if exe else 0o444)
+        os.utime(path, (1, 1), follow_symlinks=False)
+
+    if root.is_dir() and not root.is_symlink():
+        for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+            for name in filenames + dirnames:
+                full = os.path.join(dirpath, name)
+                fix(full, os.lstat(full))
+    fix(str(root), os.lstat(root))
+
+
 def remove_tree(path: Path) -> None:
     """Delete a file or tree whose directories may be read-only (0555, as in the store)."""
     try:
