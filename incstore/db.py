@@ -20,8 +20,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-import sqlite_utils
-
 from incstore import atomicfile, faults
 from incstore.errors import DatabaseError, ManifestError
 from incstore.locks import Primitive, hold
@@ -109,14 +107,14 @@ def _schema_file_version(db_path: Path) -> int | None:
 
 def detect_flavour(conn: sqlite3.Connection, db_path: Path) -> Flavour:
     """Tell Guix from Nix by the DB's columns, cross-checked against its `schema` file."""
-    wrapper = sqlite_utils.Database(conn)
     try:
-        tables = set(wrapper.table_names())
+        tables = {r[0] for r in conn.execute("select name from sqlite_master where type='table'")}
+        if not {"ValidPaths", "Refs", "DerivationOutputs"} <= tables:
+            raise DatabaseError("not a Guix or Nix daemon DB (no ValidPaths/Refs)",
+                                item=str(db_path))
+        columns = {r[1] for r in conn.execute("pragma table_info(ValidPaths)")}
     except sqlite3.DatabaseError as e:
         raise DatabaseError(f"not an SQLite database ({e})", item=str(db_path)) from e
-    if not {"ValidPaths", "Refs", "DerivationOutputs"} <= tables:
-        raise DatabaseError("not a Guix or Nix daemon DB (no ValidPaths/Refs)", item=str(db_path))
-    columns = set(wrapper["ValidPaths"].columns_dict)
     flavour = NIX if set(NIX.extra_columns) <= columns else GUIX
     version = _schema_file_version(db_path)
     if version is not None and version != flavour.schema_version:
