@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -59,7 +58,7 @@ def sweep(directory: Path) -> list[str]:
 
 
 def temp_path_for(final: Path) -> Path:
-    return final.with_name(f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}-{final.name}")
+    return final.with_name(f"{TEMP_PREFIX}{os.getpid()}-{os.urandom(6).hex()}-{final.name}")
 
 
 def fsync_dir(directory: Path) -> None:

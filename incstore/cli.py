@@ -17,10 +17,10 @@ from typing import Any, NoReturn
 
 import click
 
-from incstore import __version__, db, manifest, sample
+from incstore import __version__, db, manifest
 from incstore.errors import IncstoreError
 from incstore.restore import execute_restore, plan_restore
-from incstore.save import execute_save, plan_save
+from incstore.save import DEFAULT_LEVEL, execute_save, plan_save
 from incstore.store import Store
 
 
@@ -87,7 +87,7 @@ def cli() -> None:
 @click.option("--closure-of", multiple=True, metavar="STORE_PATH",
               help="Save only the closure of these items (repeatable).")
 @jobs_option
-@click.option("--level", type=click.IntRange(-7, 22), default=3, show_default=True,
+@click.option("--level", type=click.IntRange(-7, 22), default=DEFAULT_LEVEL, show_default=True,
               help="zstd compression level.")
 @click.option("--dry-run", is_flag=True, help="Print what would be written and stop.")
 @json_option
@@ -161,8 +161,9 @@ def restore(manifest_path: Path, cache: Path | None, prefix: Path, db_path: Path
 def demo(flavour: str, workdir: Path | None, items: int, as_json: bool) -> None:
     """Build a sample store, save it, restore it into an empty prefix, and verify it."""
     from incstore.demo import run_demo
+    from incstore.sample import SampleSpec
 
-    spec = sample.SampleSpec(items=items)
+    spec = SampleSpec(items=items)
     with tempfile.TemporaryDirectory(prefix="incstore-demo-") as tmp:
         where = workdir or Path(tmp)
         where.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,6 @@ import os
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Literal
 
@@ -92,6 +91,8 @@ class Snapshot:
 
 
 def schema_sql(flavour: Flavour) -> str:
+    from importlib import resources  # only needed to create a DB; keeps startup short
+
     return resources.files("incstore.schema").joinpath(flavour.schema_sql).read_text()
 
 

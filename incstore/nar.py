@@ -65,6 +65,9 @@ _DIR_OPEN = _T[b"("] + _T[b"type"] + _T[b"directory"]
 _ENTRY_OPEN = _T[b"entry"] + _T[b"("] + _T[b"name"]
 _REGULAR = _T[b"("] + _T[b"type"] + _T[b"regular"]
 _EXEC_CONTENTS = _T[b"executable"] + _T[b""] + _T[b"contents"]
+_OPEN_TYPE = _T[b"("] + _T[b"type"]
+_OPEN_NAME = _T[b"("] + _T[b"name"]
+_ZEROS = [b"\0" * n for n in range(8)]
 
 
 class _Writer:
@@ -188,19 +191,35 @@ class _Reader:
             self.pos = 0
 
     def take(self, n: int) -> bytes:
-        self._fill(n)
-        data = self.buf[self.pos : self.pos + n]
-        self.pos += n
-        return data
+        pos = self.pos
+        end = pos + n
+        if end > len(self.buf):
+            self._fill(n)
+            pos, end = self.pos, self.pos + n
+        self.pos = end
+        return self.buf[pos:end]
 
     def u64(self) -> int:
         return int.from_bytes(self.take(8), "little")
 
     def padding(self, n: int) -> None:
-        if n % 8 and self.take(8 - n % 8).strip(b"\0"):
+        if n % 8 and self.take(8 - n % 8) != _ZEROS[8 - n % 8]:
             raise self.fail("NAR padding is not zero")
 
     def string(self, limit: int, what: str) -> bytes:
+        # fast path: length, bytes and padding all in the buffer (almost always)
+        buf, pos = self.buf, self.pos
+        if pos + 8 <= len(buf):
+            n = int.from_bytes(buf[pos : pos + 8], "little")
+            if n > limit:
+                raise self.fail(f"NAR {what} is {n} bytes long, more than the limit of {limit}")
+            start = pos + 8
+            end = start + ((n + 7) & ~7)
+            if end <= len(buf):
+                if buf[start + n : end] != _ZEROS[end - start - n]:
+                    raise self.fail("NAR padding is not zero")
+                self.pos = end
+                return buf[start : start + n]
         n = self.u64()
         if n > limit:
             raise self.fail(f"NAR {what} is {n} bytes long, more than the limit of {limit}")
@@ -208,10 +227,12 @@ class _Reader:
         self.padding(n)
         return data
 
-    def expect(self, token: bytes) -> None:
-        encoded = _T[token]
+    def expect_raw(self, encoded: bytes, what: str) -> None:
         if self.take(len(encoded)) != encoded:
-            raise self.fail(f"NAR is malformed: expected {token.decode()!r}")
+            raise self.fail(f"NAR is malformed: expected {what!r}")
+
+    def expect(self, token: bytes) -> None:
+        self.expect_raw(_T[token], token.decode())
 
     def copy_to(self, fd: int, n: int) -> None:
         while n:
@@ -248,8 +269,7 @@ class _Restorer:
         r = self.r
         if depth > MAX_DEPTH:
             raise r.fail(f"NAR is nested deeper than {MAX_DEPTH} levels")
-        r.expect(b"(")
-        r.expect(b"type")
+        r.expect_raw(_OPEN_TYPE, "( type")
         kind = r.string(MAX_TOKEN, "node type")
         if kind == b"regular":
             self.regular(parent, name)
@@ -306,8 +326,7 @@ class _Restorer:
                     break
                 if token != b"entry":
                     raise r.fail("NAR is malformed: expected 'entry' or ')'")
-                r.expect(b"(")
-                r.expect(b"name")
+                r.expect_raw(_OPEN_NAME, "( name")
                 entry = r.string(MAX_NAME, "entry name")
                 _check_name(r, entry)
                 if previous is not None and entry <= previous:

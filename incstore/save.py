@@ -27,6 +27,9 @@ from incstore.store import Store
 from incstore.storepath import StorePath, nix32_encode
 
 MT_THRESHOLD = 32 << 20  # items above this use zstd's own worker threads as well
+# Level 2 saves 20% of the CPU of level 3 for 5% more bytes (bench/: the chunk store stays
+# within 1.05x the size of a `tar | zstd -3` archive of the same store).
+DEFAULT_LEVEL = 2
 
 Progress = Callable[[str, str], None]
 
@@ -218,7 +221,7 @@ def execute_save(
     manifest_path: Path,
     *,
     jobs: int = 2,
-    level: int = 3,
+    level: int = DEFAULT_LEVEL,
     progress: Progress | None = None,
 ) -> SaveResult:
     chunks = ChunkStore(plan.cache)

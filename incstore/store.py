@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import shutil
 import stat
 from dataclasses import dataclass
@@ -68,7 +67,7 @@ class Store:
         return self.physical(store_path).with_name(store_path.rsplit("/", 1)[1] + ".lock")
 
     def temp_name(self, key: str) -> str:
-        return f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{key}"
+        return f"{TEMP_PREFIX}{os.getpid()}-{os.urandom(4).hex()}-{key}"
 
     def sweep_temps(self) -> list[str]:
         """Remove temporary entries left in the store by runs that died; return their names."""
