@@ -18,16 +18,16 @@ import contextlib
 import hashlib
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import xxhash
 import zstandard
 
 from incstore import atomicfile
-from incstore.errors import ChunkCorruptError, ChunkMissingError, ChunkStoreError
+from incstore.errors import ChunkCorruptError, ChunkMissingError, ChunkStoreError, ManifestError
 from incstore.storepath import NIX32_ALPHABET
 
 CACHE_INFO = "nix-cache-info"
@@ -211,6 +211,66 @@ class ChunkStore:
             if dobj.unused_data:
                 raise ChunkCorruptError(f"chunk {key} has data after its frame", item=item or key)
         return ChunkDigest(size, xxh.hexdigest(), sha.hexdigest(), nar_size)
+
+    def quick_digest(self, key: str, *, item: str | None = None) -> tuple[int, str]:
+        """Size and XXH3-128 of a chunk file, read once without decompressing it."""
+        xxh = xxhash.xxh3_128()
+        size = 0
+        with self.open_chunk(key, item=item) as f:
+            while block := f.read(1 << 20):
+                xxh.update(block)
+                size += len(block)
+        return size, xxh.hexdigest()
+
+    def has_chunk(self, key: str) -> bool:
+        return self.chunk_path(key).exists()
+
+    def touch(self, refs: Iterable[Any]) -> None:
+        """Renew the mtime of chunks a save reuses (gc's grace period counts from it)."""
+        for ref in refs:
+            with contextlib.suppress(FileNotFoundError):
+                os.utime(self.chunk_path(ref.key))
+
+    def chunk_files(self) -> dict[str, os.stat_result]:
+        """Every complete-named chunk file with its stat, in one listing."""
+        out = {}
+        with contextlib.suppress(FileNotFoundError), os.scandir(self.root / NAR_DIR) as entries:
+            for e in entries:
+                key = e.name.removesuffix(".nar.zst")
+                if e.name.endswith(".nar.zst") and KEY_RE.fullmatch(key):
+                    out[key] = e.stat()
+        return out
+
+    def delete_chunk(self, key: str) -> None:
+        """Narinfo first: a chunk without its narinfo is incomplete, never the reverse."""
+        for path in (self.narinfo_path(key), self.chunk_path(key)):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    def manifest_path(self, name: str) -> Path:
+        from incstore.manifest import check_name  # manifest imports this module
+
+        return self.root / MANIFEST_DIR / f"{check_name(name)}.json"
+
+    def write_manifest(self, name: str, data: bytes) -> None:
+        (self.root / MANIFEST_DIR).mkdir(parents=True, exist_ok=True)
+        atomicfile.write_bytes(self.manifest_path(name), data)
+
+    def manifest_names(self) -> list[str]:
+        with contextlib.suppress(FileNotFoundError), os.scandir(self.root / MANIFEST_DIR) as es:
+            return sorted(e.name.removesuffix(".json") for e in es
+                          if e.name.endswith(".json") and not atomicfile.is_temp_name(e.name))
+        return []
+
+    def read_manifest(self, name: str) -> bytes:
+        try:
+            return self.manifest_path(name).read_bytes()
+        except FileNotFoundError as e:
+            raise ManifestError("no manifest of that name in the chunk store", item=name) from e
+
+    def delete_manifest(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.manifest_path(name).unlink()
 
     def sweep(self) -> list[str]:
         """Delete temporary files that writers which died left behind."""

@@ -18,9 +18,13 @@ from typing import Any, NoReturn
 import click
 
 from incstore import __version__, db, manifest
+from incstore.check import check
+from incstore.chunkstore import ChunkStore
 from incstore.errors import IncstoreError
+from incstore.gc import DEFAULT_GRACE, execute_gc, load_named, plan_gc
 from incstore.restore import execute_restore, plan_restore
 from incstore.save import DEFAULT_LEVEL, execute_save, plan_save
+from incstore.stats import diff, stats
 from incstore.store import Store
 
 
@@ -77,42 +81,68 @@ def cli() -> None:
     """A content-addressed, incremental store cache for Guix and Nix in CI."""
 
 
+def _load_manifest(manifest_path: Path | None, name: str | None, cache: Path) -> manifest.Manifest:
+    if (manifest_path is None) == (name is None):
+        raise click.UsageError("give exactly one of --manifest FILE and --name NAME")
+    if manifest_path is not None:
+        return manifest.load(manifest_path)
+    assert name is not None
+    return manifest.from_bytes(ChunkStore(cache).read_manifest(name), name)
+
+
+name_option = click.option(
+    "--name", default=None, metavar="NAME",
+    help="A manifest recorded inside the chunk store under this name (manifests/NAME.json).",
+)
+
+
 @cli.command()
 @click.option("--db", "db_path", type=click.Path(path_type=Path), required=True,
               help="The daemon DB to read (e.g. /var/guix/db/db.sqlite).")
 @prefix_option
 @cache_option
-@click.option("--manifest", "manifest_path", type=click.Path(path_type=Path), required=True,
+@click.option("--manifest", "manifest_path", type=click.Path(path_type=Path), default=None,
               help="Where to write the manifest.")
+@name_option
 @click.option("--closure-of", multiple=True, metavar="STORE_PATH",
               help="Save only the closure of these items (repeatable).")
+@click.option("--exclude-db", multiple=True, type=click.Path(path_type=Path),
+              metavar="OTHER_DB", help="Leave out paths valid in this other daemon DB "
+              "(e.g. the one the Guix binary tarball ships; repeatable).")
 @jobs_option
 @click.option("--level", type=click.IntRange(-7, 22), default=DEFAULT_LEVEL, show_default=True,
               help="zstd compression level.")
 @click.option("--dry-run", is_flag=True, help="Print what would be written and stop.")
 @json_option
-def save(db_path: Path, prefix: Path, cache: Path | None, manifest_path: Path,
-         closure_of: tuple[str, ...], jobs: int, level: int, dry_run: bool,
-         as_json: bool) -> None:
+def save(db_path: Path, prefix: Path, cache: Path | None, manifest_path: Path | None,
+         name: str | None, closure_of: tuple[str, ...], exclude_db: tuple[Path, ...], jobs: int,
+         level: int, dry_run: bool, as_json: bool) -> None:
     """Save the store's valid paths into the chunk store and write a manifest."""
-    plan = plan_save(db_path, prefix, cache or default_cache(), closure_of)
+    if manifest_path is None and name is None:
+        raise click.UsageError("give --manifest FILE, --name NAME, or both")
+    if name is not None:
+        manifest.check_name(name)
+    plan = plan_save(db_path, prefix, cache or default_cache(), closure_of, exclude_db)
     if dry_run:
         doc = plan.to_json()
         _emit(as_json, doc, f"would write {len(doc['write'])} chunk(s), reuse "
                             f"{len(doc['reuse'])}, of {doc['items']} item(s)")
         return
-    result = execute_save(plan, manifest_path, jobs=jobs, level=level,
+    result = execute_save(plan, manifest_path, name=name, jobs=jobs, level=level,
                           progress=_progress(len(plan.to_write), "saved"))
     doc = result.to_json()
+    where = " and ".join(w for w in (str(manifest_path) if manifest_path else "",
+                                     f"manifests/{name}.json" if name else "") if w)
     _emit(as_json, doc, f"saved {doc['items']} item(s): {doc['written']} new chunk(s) "
                         f"({doc['chunk_bytes_written']} bytes), {doc['reused']} already stored; "
-                        f"manifest {manifest_path}")
+                        f"manifest {where}")
     _finish(result.error())
 
 
 @cli.command()
-@click.option("--manifest", "manifest_path", type=click.Path(path_type=Path), required=True,
+@click.option("--manifest", "manifest_path", type=click.Path(path_type=Path), default=None,
               help="The manifest to restore.")
+@name_option
 @cache_option
 @prefix_option
 @click.option("--db", "db_path", type=click.Path(path_type=Path), default=None,
@@ -124,15 +154,16 @@ def save(db_path: Path, prefix: Path, cache: Path | None, manifest_path: Path,
 @jobs_option
 @click.option("--dry-run", is_flag=True, help="Print the plan and stop.")
 @json_option
-def restore(manifest_path: Path, cache: Path | None, prefix: Path, db_path: Path | None,
-            db_out: Path | None, in_place: bool, jobs: int, dry_run: bool,
+def restore(manifest_path: Path | None, name: str | None, cache: Path | None, prefix: Path,
+            db_path: Path | None, db_out: Path | None, in_place: bool, jobs: int, dry_run: bool,
             as_json: bool) -> None:
     """Extract the manifest's missing items, verify them and register them."""
     if db_out and in_place:
         raise click.UsageError("--db-out and --in-place exclude each other")
-    loaded = manifest.load(manifest_path)
-    plan = plan_restore(loaded, prefix, cache or default_cache(), db_path=db_path,
-                        db_out=db_out, in_place=in_place)
+    cache = cache or default_cache()
+    loaded = _load_manifest(manifest_path, name, cache)
+    plan = plan_restore(loaded, prefix, cache, db_path=db_path, db_out=db_out,
+                        in_place=in_place)
     if dry_run:
         doc = plan.to_json()
         human = "\n".join(
@@ -149,6 +180,106 @@ def restore(manifest_path: Path, cache: Path | None, prefix: Path, db_path: Path
     _emit(as_json, doc, f"restored {doc['extracted']} item(s), {doc['present']} already present, "
                         f"registered {doc['registered']} in {doc['db']}")
     _finish(result.error())
+
+
+@cli.command()
+@cache_option
+@click.option("--keep-days", type=click.FloatRange(0), default=None,
+              help="Drop manifests not saved for this many days.")
+@click.option("--max-bytes", type=click.IntRange(0), default=None,
+              help="Then drop the oldest manifests while the chunks take more than this.")
+@click.option("--grace-minutes", type=click.FloatRange(0), default=DEFAULT_GRACE / 60,
+              show_default=True, help="Never sweep a chunk written or reused this recently.")
+@click.option("--dry-run", is_flag=True, help="Print what would go and stop.")
+@json_option
+def gc(cache: Path | None, keep_days: float | None, max_bytes: int | None,
+       grace_minutes: float, dry_run: bool, as_json: bool) -> None:
+    """Drop old manifests and sweep the chunks no kept manifest needs."""
+    plan = plan_gc(cache or default_cache(), keep_days=keep_days, max_bytes=max_bytes,
+                   grace_seconds=grace_minutes * 60)
+    if dry_run:
+        doc = plan.to_json()
+        _emit(as_json, doc, "\n".join(
+            [f"drop manifest {n}" for n in doc["drop_manifests"]]
+            + [f"sweep chunk {k}" for k in doc["sweep_chunks"]]
+            + [f"would free {doc['bytes_before'] - doc['bytes_after']} bytes"]))
+        return
+    result = execute_gc(plan)
+    doc = result.to_json()
+    _emit(as_json, doc, f"dropped {len(result.dropped)} manifest(s), swept {len(result.swept)} "
+                        f"chunk(s); {doc['bytes_after']} bytes kept\n"
+                        f"digest {result.digest} changed={'true' if result.changed else 'false'}")
+
+
+@cli.command("check")
+@cache_option
+@click.option("--manifest", "manifest_paths", multiple=True, type=click.Path(path_type=Path),
+              help="Check this manifest file too (repeatable); named manifests are always checked.")
+@click.option("--full", is_flag=True, help="Decompress every chunk and check its NAR sha256.")
+@jobs_option
+@json_option
+def check_cmd(cache: Path | None, manifest_paths: tuple[Path, ...], full: bool, jobs: int,
+              as_json: bool) -> None:
+    """Check that every chunk a manifest references is there and intact."""
+    cache = cache or default_cache()
+    manifests = {**load_named(ChunkStore(cache)),
+                 **{str(p): manifest.load(p) for p in manifest_paths}}
+    report = check(cache, manifests, full=full, jobs=jobs)
+    doc = report.to_json()
+    _emit(as_json, doc, "\n".join(
+        [*(f"missing: {e}" for e in doc["missing"]), *(f"corrupt: {e}" for e in doc["corrupt"]),
+         *(f"orphan:  {k}" for k in doc["orphans"]),
+         f"checked {doc['checked']} chunk(s): {'ok' if doc['ok'] else 'DAMAGED'}, "
+         f"{len(doc['orphans'])} orphan(s)"]))
+    _finish(report.error())
+
+
+@cli.command("stats")
+@cache_option
+@json_option
+def stats_cmd(cache: Path | None, as_json: bool) -> None:
+    """Items and bytes per manifest, unique versus shared, and their overlap."""
+    chunks = ChunkStore(cache or default_cache())
+    held = sum(st.st_size for st in chunks.chunk_files().values())
+    report = stats(load_named(chunks), held)
+    doc = report.to_json()
+    names = sorted(doc["manifests"])
+    lines = [f"{'manifest':24} {'items':>6} {'chunk bytes':>14} {'unique':>14} {'shared':>14}"]
+    for n in names:
+        m = doc["manifests"][n]
+        lines.append(f"{n:24} {m['items']:>6} {m['chunk_bytes']:>14,} {m['unique_bytes']:>14,} "
+                     f"{m['shared_bytes']:>14,}")
+    lines.append(f"chunk store holds {held:,} bytes of chunks")
+    if len(names) > 1:
+        lines.append("overlap (chunk bytes in common):")
+        lines.append(" " * 24 + "".join(f"{n[:14]:>15}" for n in names))
+        lines += [f"{a:24}" + "".join(f"{doc['overlap'][a][b]:>15,}" for b in names)
+                  for a in names]
+    _emit(as_json, doc, "\n".join(lines))
+
+
+@cli.command("diff")
+@cache_option
+@click.argument("a")
+@click.argument("b")
+@json_option
+def diff_cmd(cache: Path | None, a: str, b: str, as_json: bool) -> None:
+    """Compare two manifests (files, or names in the chunk store)."""
+    chunks = ChunkStore(cache or default_cache())
+
+    def load(ref: str) -> manifest.Manifest:
+        path = Path(ref)
+        if path.is_file():
+            return manifest.load(path)
+        return manifest.from_bytes(chunks.read_manifest(ref), ref)
+
+    report = diff(load(a), load(b))
+    doc = report.to_json()
+    _emit(as_json, doc, "\n".join(
+        [*(f"- {p}" for p in report.only_a), *(f"+ {p}" for p in report.only_b),
+         f"{len(report.only_a)} only in {a} ({report.bytes_only_a:,} bytes), "
+         f"{len(report.only_b)} only in {b} ({report.bytes_only_b:,} bytes), "
+         f"{len(report.common)} in both ({report.bytes_common:,} bytes)"]))
 
 
 @cli.command()

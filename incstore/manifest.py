@@ -52,6 +52,9 @@ class Manifest:
     flavour: Flavour
     items: tuple[Item, ...]
     created: str = ""
+    # references that are not items: paths the target store must already have valid (a save
+    # with --exclude-db leaves out what, e.g., the Guix binary tarball's own DB holds)
+    external: tuple[str, ...] = ()
 
     @property
     def store_dir(self) -> str:
@@ -69,11 +72,22 @@ class Manifest:
             "created": self.created,
             "tool": f"incstore {__version__}",
             "items": [_item_json(item, self.flavour) for item in self.items],
+            "external": list(self.external),
         }
 
+    def same_content(self, other: Manifest) -> bool:
+        """Equal but for when and by what they were written."""
+        mine, theirs = self.to_json(), other.to_json()
+        for doc in (mine, theirs):
+            doc.pop("created")
+            doc.pop("tool")
+        return mine == theirs
+
+    def to_bytes(self) -> bytes:
+        return (json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n").encode()
+
     def write(self, path: Path) -> None:
-        text = json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n"
-        atomicfile.write_bytes(path, text.encode())
+        atomicfile.write_bytes(path, self.to_bytes())
 
 
 def now_utc() -> str:
@@ -194,11 +208,37 @@ def parse(doc: object, source: str) -> Manifest:
     items = tuple(_parse_item(raw, flavour) for raw in raw_items)
     paths = {item.path for item in items}
     _expect(len(paths) == len(items), "manifest lists a path twice", source)
+    external = doc.get("external", [])
+    _expect(isinstance(external, list) and all(isinstance(p, str) for p in external),
+            "bad external list", source)
+    for path in external:
+        StorePath.parse(path, flavour.store_dir)
+    known = paths | set(external)
     for item in items:
         for ref in item.info.references:
-            _expect(ref in paths, f"reference {ref} is not in the manifest (not closed)", item.path)
+            _expect(ref in known, f"reference {ref} is not in the manifest (not closed)",
+                    item.path)
     created = doc.get("created", "")
-    return Manifest(flavour, tuple(sorted(items, key=lambda i: i.path)), str(created))
+    return Manifest(flavour, tuple(sorted(items, key=lambda i: i.path)), str(created),
+                    tuple(sorted(external)))
+
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+
+
+def check_name(name: str) -> str:
+    """A manifest name is used as a file name in the chunk store: keep it to a safe alphabet."""
+    if not NAME_RE.fullmatch(name):
+        raise ManifestError(f"invalid manifest name {name!r} (letters, digits, . _ + -)")
+    return name
+
+
+def from_bytes(text: bytes, source: str) -> Manifest:
+    try:
+        doc = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ManifestError(f"invalid JSON ({e})", item=source) from e
+    return parse(doc, source)
 
 
 def load(path: Path) -> Manifest:
@@ -206,8 +246,4 @@ def load(path: Path) -> Manifest:
         text = path.read_bytes()
     except FileNotFoundError as e:
         raise ManifestError("no such manifest", item=str(path)) from e
-    try:
-        doc = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ManifestError(f"invalid JSON ({e})", item=str(path)) from e
-    return parse(doc, str(path))
+    return from_bytes(text, str(path))

@@ -47,6 +47,8 @@ class RestorePlan:
     db_mode: DbMode
     db_out: Path | None
     actions: dict[str, Action]
+    # external references (see Manifest.external) that the target store does not have
+    missing_external: tuple[str, ...] = ()
 
     def paths(self, *actions: Action) -> list[str]:
         return [p for p, a in self.actions.items() if a in actions]
@@ -67,6 +69,7 @@ class RestorePlan:
             "extract": self.paths(Action.EXTRACT),
             "replace": self.paths(Action.REPLACE),
             "nar_bytes_to_extract": sum(i.info.nar_size for i in self.to_extract),
+            "missing_external": list(self.missing_external),
         }
 
 
@@ -91,8 +94,9 @@ def plan_restore(
             actions[item.path] = Action.REPLACE
         else:
             actions[item.path] = Action.EXTRACT
+    missing = tuple(p for p in manifest.external if p not in valid or not store.exists(p))
     mode: DbMode = "out" if db_out else "in-place" if in_place else "swap"
-    return RestorePlan(manifest, store, cache, target, mode, db_out, actions)
+    return RestorePlan(manifest, store, cache, target, mode, db_out, actions, missing)
 
 
 class _HashingReader:
@@ -170,6 +174,11 @@ class RestoreResult:
     failed: list[IncstoreError]
     swept: list[str]
 
+    @property
+    def skipped(self) -> list[str]:
+        """Extracted but not registered: something they reference failed."""
+        return sorted(set(self.extracted) - set(self.registered))
+
     def to_json(self) -> dict[str, Any]:
         return {
             "items": len(self.plan.actions),
@@ -177,6 +186,7 @@ class RestoreResult:
             "extracted": len(self.extracted),
             "registered": len(self.registered),
             "failed": [str(e) for e in self.failed],
+            "skipped": self.skipped,
             "db": str(self.plan.db_out or self.plan.db_path),
         }
 
@@ -187,12 +197,13 @@ class RestoreResult:
 def _registrable(plan: RestorePlan, extracted: set[str], valid: set[str]) -> list[db.PathInfo]:
     """Extracted items all of whose references are present or registrable, transitively."""
     ok = set(plan.paths(Action.PRESENT)) | extracted | valid
+    external = set(plan.manifest.external) - set(plan.missing_external)
     by_path = plan.manifest.by_path()
     changed = True
     while changed:
         changed = False
         for path in list(ok):
-            if any(ref not in ok for ref in by_path[path].info.references):
+            if any(ref not in ok and ref not in external for ref in by_path[path].info.references):
                 ok.discard(path)
                 changed = True
     return [by_path[p].info for p in sorted(ok & extracted)]
@@ -235,7 +246,13 @@ def execute_restore(
         store_fd = os.open(store.store_root, os.O_RDONLY | os.O_DIRECTORY)
         try:
 
+            missing = set(plan.missing_external)
+
             def one(item: Item) -> IncstoreError | bool:
+                lacking = sorted(set(item.info.references) & missing)
+                if lacking:
+                    return StoreError(f"references {lacking[0]}, which the manifest leaves to "
+                                      "the target store, but it is not valid there", item=item.path)
                 lock = PathLock(store.lock_file(item.path), flavour.lock_primitive)
                 lock.acquire()
                 locks.append(lock)

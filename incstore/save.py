@@ -21,8 +21,14 @@ import zstandard
 from incstore import atomicfile, db, nar
 from incstore.atomicfile import AlreadyExists
 from incstore.chunkstore import ChunkStore, NarInfo
-from incstore.errors import IncstoreError, StoreError, StoreHashMismatchError, combine
-from incstore.manifest import ChunkRef, Item, Manifest, now_utc
+from incstore.errors import (
+    IncstoreError,
+    ManifestError,
+    StoreError,
+    StoreHashMismatchError,
+    combine,
+)
+from incstore.manifest import ChunkRef, Item, Manifest, from_bytes, now_utc
 from incstore.store import Store
 from incstore.storepath import StorePath, nix32_encode
 
@@ -62,6 +68,7 @@ class SavePlan:
     items: tuple[db.PathInfo, ...]
     keys: dict[str, str]  # path -> chunk key
     reused: dict[str, ChunkRef] = field(default_factory=dict)  # path -> existing chunk
+    external: tuple[str, ...] = ()  # references left out by --exclude-db
 
     @property
     def to_write(self) -> list[db.PathInfo]:
@@ -75,6 +82,7 @@ class SavePlan:
             "write": [i.path for i in self.to_write],
             "reuse": sorted(self.reused),
             "nar_bytes_to_write": sum(i.nar_size for i in self.to_write),
+            "external": list(self.external),
         }
 
 
@@ -83,13 +91,15 @@ def plan_save(
     prefix: Path,
     cache: Path,
     closure_of: Iterable[str] = (),
-    exclude_paths: Iterable[str] = (),
+    exclude_dbs: Iterable[Path] = (),
 ) -> SavePlan:
     snapshot = db.read_snapshot(db_path)
     flavour = snapshot.flavour
     roots = list(closure_of)
     paths = snapshot.closure(roots) if roots else sorted(snapshot.infos)
-    excluded = set(exclude_paths)
+    excluded: set[str] = set()
+    for other in exclude_dbs:
+        excluded |= set(db.valid_paths(other, flavour))
     infos = tuple(snapshot.infos[p] for p in paths if p not in excluded)
     store = ChunkStore(cache)
     if (cache / "nix-cache-info").exists():
@@ -106,7 +116,9 @@ def plan_save(
             existing = taken if key == hash_part else store.read_narinfo(key)
             assert existing is not None
             reused[info.path] = ChunkRef(key, existing.file_size, existing.xxh3_128)
-    return SavePlan(flavour, Store(prefix, flavour), cache, infos, keys, reused)
+    kept = {i.path for i in infos}
+    external = tuple(sorted({r for i in infos for r in i.references if r not in kept}))
+    return SavePlan(flavour, Store(prefix, flavour), cache, infos, keys, reused, external)
 
 
 class _HashingWriter:
@@ -216,18 +228,37 @@ def _without_dependents(items: Iterable[Item], bad: set[str]) -> list[Item]:
     return remaining
 
 
+def _record(chunks: ChunkStore, name: str, manifest: Manifest) -> None:
+    """Record the manifest under its name; an unchanged one only gets a new mtime (its last
+    save, which gc's --keep-days counts from) so the store's digest stays the same."""
+    path = chunks.manifest_path(name)
+    try:
+        if from_bytes(path.read_bytes(), name).same_content(manifest):
+            os.utime(path)
+            return
+    except (FileNotFoundError, ManifestError):
+        pass
+    chunks.write_manifest(name, manifest.to_bytes())
+
+
 def execute_save(
     plan: SavePlan,
-    manifest_path: Path,
+    manifest_path: Path | None,
     *,
+    name: str | None = None,
     jobs: int = 2,
     level: int = DEFAULT_LEVEL,
     progress: Progress | None = None,
 ) -> SaveResult:
+    """Write the plan's new chunks, then the manifest: to `manifest_path`, and into the chunk
+    store as `manifests/<name>.json` when `name` is given."""
     chunks = ChunkStore(plan.cache)
     chunks.init(plan.flavour.store_dir)
     chunks.sweep()
-    atomicfile.sweep(manifest_path.parent)
+    if manifest_path is not None:
+        atomicfile.sweep(manifest_path.parent)
+    # a fresh mtime puts reused chunks inside gc's grace period until our manifest exists
+    chunks.touch(plan.reused.values())
     refs: dict[str, ChunkRef] = dict(plan.reused)
     failed: list[IncstoreError] = []
     written: list[str] = []
@@ -239,28 +270,31 @@ def execute_save(
         except IncstoreError as e:
             return info, e
 
-    # large items first, so the tail of the run is not one big item on one core
-    todo = sorted(plan.to_write, key=lambda i: -i.nar_size)
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        for info, outcome in pool.map(one, todo):
-            if isinstance(outcome, IncstoreError):
-                failed.append(outcome)
+    def run(todo: list[db.PathInfo]) -> None:
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            for info, outcome in pool.map(one, todo):
+                if isinstance(outcome, IncstoreError):
+                    failed.append(outcome)
+                    if progress:
+                        progress("failed", str(outcome))
+                    continue
+                refs[info.path] = outcome
+                written.append(info.path)
                 if progress:
-                    progress("failed", str(outcome))
-                continue
-            refs[info.path] = outcome
-            written.append(info.path)
-            if progress:
-                progress("saved", info.path)
+                    progress("saved", info.path)
+
+    # large items first, so the tail of the run is not one big item on one core
+    run(sorted(plan.to_write, key=lambda i: -i.nar_size))
+    # a gc that ran at the same time may have swept a reused chunk before we touched it
+    lost = [i for i in plan.items
+            if i.path in plan.reused and not chunks.has_chunk(refs[i.path].key)]
+    run(lost)
     items = [Item(info, refs[info.path]) for info in plan.items if info.path in refs]
     items = _without_dependents(items, {e.item for e in failed if e.item})
-    manifest = Manifest(plan.flavour, tuple(items), now_utc())
-    manifest.write(manifest_path)
-    result = SaveResult(
-        manifest,
-        written,
-        sorted(plan.reused),
-        failed,
-        sum(refs[p].size for p in written),
-    )
-    return result
+    manifest = Manifest(plan.flavour, tuple(items), now_utc(), plan.external)
+    if manifest_path is not None:
+        manifest.write(manifest_path)
+    if name is not None:
+        _record(chunks, name, manifest)
+    return SaveResult(manifest, written, sorted(plan.reused), failed,
+                      sum(refs[p].size for p in written))

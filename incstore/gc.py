@@ -1,0 +1,142 @@
+"""Gc: the verb that keeps a shared chunk store small without breaking any kept manifest.
+
+Manifests recorded by name in the chunk store are the roots (as in niks3). `plan_gc` decides
+which manifests go (older than `keep_days`, counted from their last save; then the oldest while
+the store is over `max_bytes`) and which chunks no kept manifest references. A chunk younger
+than the grace period is never swept: a save writes its chunks before its manifest and renews
+the mtime of the chunks it reuses, so a save running at the same time keeps what it needs.
+`execute_gc` deletes, re-checking each chunk's age just before, and records a digest of the
+store's contents so a workflow can upload the cache only when it changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from incstore import atomicfile
+from incstore.chunkstore import ChunkStore
+from incstore.manifest import Manifest, from_bytes
+
+DIGEST_FILE = "incstore-digest"
+DEFAULT_GRACE = 3600
+
+
+@dataclass
+class GcPlan:
+    cache: Path
+    expired: list[str]  # manifests older than keep_days
+    over_budget: list[str]  # oldest manifests dropped to get under max_bytes
+    sweep: list[str]  # chunk keys no kept manifest references, past the grace period
+    in_grace: list[str]  # unreferenced but young: kept this time
+    bytes_before: int
+    bytes_after: int
+    grace_seconds: float
+    now: float = field(default_factory=time.time)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "drop_manifests": sorted(self.expired + self.over_budget),
+            "expired": self.expired,
+            "over_budget": self.over_budget,
+            "sweep_chunks": self.sweep,
+            "kept_in_grace": self.in_grace,
+            "bytes_before": self.bytes_before,
+            "bytes_after": self.bytes_after,
+        }
+
+
+def load_named(chunks: ChunkStore) -> dict[str, Manifest]:
+    """Every manifest recorded in the chunk store, parsed; an unreadable one stops the caller,
+    since nothing can be swept without knowing what it needs."""
+    return {name: from_bytes(chunks.read_manifest(name), name) for name in chunks.manifest_names()}
+
+
+def _keys(manifests: Iterable[Manifest]) -> set[str]:
+    return {item.chunk.key for m in manifests for item in m.items}
+
+
+def plan_gc(cache: Path, *, keep_days: float | None = None, max_bytes: int | None = None,
+            grace_seconds: float = DEFAULT_GRACE, now: float | None = None) -> GcPlan:
+    now = time.time() if now is None else now
+    chunks = ChunkStore(cache)
+    manifests = load_named(chunks)
+    saved_at = {n: chunks.manifest_path(n).stat().st_mtime for n in manifests}
+    expired = sorted(n for n in manifests
+                     if keep_days is not None and now - saved_at[n] > keep_days * 86400)
+    kept = [n for n in sorted(manifests, key=lambda n: saved_at[n]) if n not in expired]
+    files = chunks.chunk_files()
+    before = sum(st.st_size for st in files.values())
+
+    def sweepable(roots: list[str]) -> tuple[list[str], list[str]]:
+        needed = _keys(manifests[n] for n in roots)
+        loose = sorted(k for k in files if k not in needed)
+        return ([k for k in loose if now - files[k].st_mtime > grace_seconds],
+                [k for k in loose if now - files[k].st_mtime <= grace_seconds])
+
+    over_budget: list[str] = []
+    sweep, in_grace = sweepable(kept)
+    after = before - sum(files[k].st_size for k in sweep)
+    while max_bytes is not None and after > max_bytes and kept:
+        over_budget.append(kept.pop(0))
+        sweep, in_grace = sweepable(kept)
+        after = before - sum(files[k].st_size for k in sweep)
+    return GcPlan(cache, expired, over_budget, sweep, in_grace, before, after, grace_seconds, now)
+
+
+def digest(cache: Path) -> str:
+    """A digest of what the chunk store holds: its chunks and its manifests' contents."""
+    chunks = ChunkStore(cache)
+    h = hashlib.sha256()
+    for key, st in sorted(chunks.chunk_files().items()):
+        h.update(f"chunk {key} {st.st_size}\n".encode())
+    for name in chunks.manifest_names():
+        h.update(f"manifest {name} ".encode())
+        h.update(hashlib.sha256(chunks.read_manifest(name)).hexdigest().encode() + b"\n")
+    return h.hexdigest()
+
+
+@dataclass
+class GcResult:
+    plan: GcPlan
+    swept: list[str]
+    dropped: list[str]
+    digest: str
+    changed: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.plan.to_json(), "swept": len(self.swept), "dropped": self.dropped,
+                "digest": self.digest, "changed": self.changed}
+
+
+def execute_gc(plan: GcPlan) -> GcResult:
+    chunks = ChunkStore(plan.cache)
+    chunks.sweep()
+    dropped = sorted(plan.expired + plan.over_budget)
+    for name in dropped:
+        chunks.delete_manifest(name)
+    swept = []
+    for key in plan.sweep:
+        try:
+            mtime = chunks.chunk_path(key).stat().st_mtime
+        except FileNotFoundError:
+            continue
+        if time.time() - mtime <= plan.grace_seconds:
+            continue  # a save reused it since we planned
+        chunks.delete_chunk(key)
+        swept.append(key)
+    new = digest(plan.cache)
+    digest_file = plan.cache / DIGEST_FILE
+    try:
+        old = digest_file.read_text().strip()
+    except FileNotFoundError:
+        old = ""
+    if old != new:
+        atomicfile.write_bytes(digest_file, (new + "\n").encode())
+    os.utime(plan.cache)
+    return GcResult(plan, swept, dropped, new, old != new)
