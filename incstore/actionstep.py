@@ -27,8 +27,8 @@ def _env(env: Mapping[str, str], name: str, default: str = "") -> str:
     return env.get(f"INCSTORE_{name}", "") or default
 
 
-def _cache(env: Mapping[str, str]) -> Path:
-    return Path(os.path.expanduser(_env(env, "CACHE", "~/.cache/incstore")))
+def _cache(env: Mapping[str, str]) -> str:
+    return os.path.expanduser(_env(env, "CACHE", "~/.cache/incstore"))
 
 
 def _write(env: Mapping[str, str], outputs: dict[str, str | int], summary: list[str]) -> None:
@@ -48,7 +48,7 @@ def restore(env: Mapping[str, str]) -> int:
     cache, name = _cache(env), _env(env, "NAME", "default")
     matched = _env(env, "MATCHED_KEY", "(none)")
     chunks = ChunkStore(cache)
-    if not chunks.manifest_path(name).exists():
+    if not chunks.has_manifest(name):
         _write(env, {"restored": 0, "skipped": 0, "failed": 0, "bytes": 0, "hit": "false"},
                _table(f"incstore restore `{name}`: cache miss",
                       [("matched key", matched), ("manifest", "not in the chunk store")]))

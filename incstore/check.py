@@ -37,10 +37,11 @@ class CheckReport:
         return combine(self.damaged, "check") if self.damaged else None
 
 
-def _check_one(chunks: ChunkStore, item: Item, full: bool) -> IncstoreError | None:
+def _check_one(chunks: ChunkStore, item: Item, full: bool, present: set[str]
+               ) -> IncstoreError | None:
     key = item.chunk.key
     try:
-        if not chunks.has_chunk(key):
+        if key not in present:
             return ChunkMissingError(f"chunk {key} is missing", item=item.path)
         if full:
             found = chunks.inspect(key, item=item.path)
@@ -59,7 +60,7 @@ def _check_one(chunks: ChunkStore, item: Item, full: bool) -> IncstoreError | No
     return None
 
 
-def check(cache: Path, manifests: Mapping[str, Manifest], *, full: bool = False,
+def check(cache: str | Path, manifests: Mapping[str, Manifest], *, full: bool = False,
           jobs: int = 2) -> CheckReport:
     chunks = ChunkStore(cache)
     unique: dict[tuple[str, str, int, str], Item] = {}
@@ -69,8 +70,10 @@ def check(cache: Path, manifests: Mapping[str, Manifest], *, full: bool = False,
                                item.chunk.xxh3_128), item)
     report = CheckReport(checked=len(unique))
     items = sorted(unique.values(), key=lambda i: i.path)
+    present = set(chunks.chunk_files())  # one listing, not one request per chunk
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        report.damaged = [e for e in pool.map(lambda i: _check_one(chunks, i, full), items) if e]
+        found = pool.map(lambda i: _check_one(chunks, i, full, present), items)
+        report.damaged = [e for e in found if e]
     referenced = {key for key, _, _, _ in unique}
-    report.orphans = sorted(k for k in chunks.chunk_files() if k not in referenced)
+    report.orphans = sorted(k for k in present if k not in referenced)
     return report

@@ -16,17 +16,18 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import xxhash
 import zstandard
 
-from incstore import atomicfile
+from incstore.backend import Backend, Entry, Reader, open_backend
 from incstore.errors import ChunkCorruptError, ChunkMissingError, ChunkStoreError, ManifestError
 from incstore.storepath import NIX32_ALPHABET
 
@@ -119,79 +120,105 @@ def check_key(key: str) -> str:
     return key
 
 
+PENDING_DIR = f"{MANIFEST_DIR}/pending"
+
+
 class ChunkStore:
-    """A local directory holding chunks, narinfos and named manifests."""
+    """Chunks, narinfos and named manifests on a backend (a local directory or S3)."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
+    def __init__(self, location: str | Path | Backend) -> None:
+        self.backend = location if isinstance(location, Backend) else open_backend(location)
 
+    @property
+    def url(self) -> str:
+        return self.backend.url
+
+    @staticmethod
+    def chunk_name(key: str) -> str:
+        return f"{NAR_DIR}/{check_key(key)}.nar.zst"
+
+    @staticmethod
+    def narinfo_name(key: str) -> str:
+        return f"{check_key(key)}.narinfo"
+
+    @staticmethod
+    def manifest_name(name: str) -> str:
+        from incstore.manifest import check_name  # manifest imports this module
+
+        return f"{MANIFEST_DIR}/{check_name(name)}.json"
+
+    # local paths, for tools and tests that look at the files themselves
     def chunk_path(self, key: str) -> Path:
-        return self.root / NAR_DIR / f"{check_key(key)}.nar.zst"
+        return self.backend.local_path(self.chunk_name(key))
 
     def narinfo_path(self, key: str) -> Path:
-        return self.root / f"{check_key(key)}.narinfo"
+        return self.backend.local_path(self.narinfo_name(key))
+
+    def manifest_path(self, name: str) -> Path:
+        return self.backend.local_path(self.manifest_name(name))
 
     def init(self, store_dir: str) -> None:
         """Create the layout if needed; refuse a store that holds items of another store dir."""
-        (self.root / NAR_DIR).mkdir(parents=True, exist_ok=True)
-        (self.root / MANIFEST_DIR).mkdir(exist_ok=True)
-        info = self.root / CACHE_INFO
-        if not info.exists():
+        if self.backend.stat(CACHE_INFO) is None:
             text = f"StoreDir: {store_dir}\nWantMassQuery: 1\nPriority: {PRIORITY}\n"
-            atomicfile.write_bytes(info, text.encode())
+            self.backend.write(CACHE_INFO, text.encode())
         self.check_store_dir(store_dir)
+
+    def exists(self) -> bool:
+        return self.backend.stat(CACHE_INFO) is not None
 
     def check_store_dir(self, store_dir: str) -> None:
         try:
-            text = (self.root / CACHE_INFO).read_text()
+            text = self.backend.read(CACHE_INFO).decode()
         except FileNotFoundError as e:
-            raise ChunkStoreError(
-                f"not a chunk store (no {CACHE_INFO})", item=str(self.root)
-            ) from e
+            raise ChunkStoreError(f"not a chunk store (no {CACHE_INFO})", item=self.url) from e
         lines = text.splitlines()
         found = next((ln.removeprefix("StoreDir: ") for ln in lines if ln.startswith("StoreDir: ")),
                      None)
         if found != store_dir:
-            raise ChunkStoreError(
-                f"holds items of store {found}, not {store_dir}", item=str(self.root)
-            )
+            raise ChunkStoreError(f"holds items of store {found}, not {store_dir}", item=self.url)
+
+    def narinfo_keys(self) -> set[str]:
+        return {e.name.removesuffix(".narinfo") for e in self.backend.listdir("")
+                if e.name.endswith(".narinfo") and KEY_RE.fullmatch(e.name[: -len(".narinfo")])}
 
     def complete_keys(self) -> set[str]:
-        """Keys whose narinfo exists, i.e. complete chunks; one directory listing."""
-        try:
-            entries = os.scandir(self.root)
-        except FileNotFoundError:
-            return set()
-        with entries:
-            return {
-                e.name[: -len(".narinfo")]
-                for e in entries
-                if e.name.endswith(".narinfo") and KEY_RE.fullmatch(e.name[: -len(".narinfo")])
-            }
+        """Keys with both their narinfo and their chunk: two listings, none per item."""
+        return self.narinfo_keys() & set(self.chunk_files())
 
     def read_narinfo(self, key: str) -> NarInfo:
         try:
-            text = self.narinfo_path(key).read_text()
+            text = self.backend.read(self.narinfo_name(key)).decode()
         except FileNotFoundError as e:
             raise ChunkMissingError("narinfo is missing from the chunk store", item=key) from e
         return NarInfo.parse(text, key)
 
-    @contextlib.contextmanager
-    def write_chunk(self, key: str) -> Iterator[BinaryIO]:
-        """Yield a file for the compressed chunk; it appears under its key only on success.
+    def write_narinfo(self, key: str, info: NarInfo) -> None:
+        self.backend.write(self.narinfo_name(key), info.render().encode())
+
+    def write_chunk(self, key: str) -> contextlib.AbstractContextManager[BinaryIO]:
+        """A file for the compressed chunk; it appears under its key only on success.
 
         Chunks are write-once: if the key exists when the file is complete, `AlreadyExists`
         is raised and the existing chunk is left as it is.
         """
-        with atomicfile.atomic_writer(self.chunk_path(key), create_only=True) as f:
-            yield f
+        return self.backend.create(self.chunk_name(key))
+
+    def open_chunk(self, key: str, *, item: str | None = None) -> Reader:
+        try:
+            return self.backend.open(self.chunk_name(key))
+        except FileNotFoundError as e:
+            raise ChunkMissingError(
+                f"chunk {key} is missing from the chunk store {self.url}", item=item or key
+            ) from e
 
     def inspect(self, key: str, *, item: str | None = None) -> ChunkDigest:
         """Read a whole chunk: its size and xxh3, and the sha256 and size of the NAR inside."""
         xxh = xxhash.xxh3_128()
         sha = hashlib.sha256()
         size = nar_size = 0
-        with self.open_chunk(key, item=item) as f:
+        f = self.open_chunk(key, item=item)
+        try:
             dobj = zstandard.ZstdDecompressor().decompressobj()
             try:
                 while block := f.read(1 << 20):
@@ -206,84 +233,98 @@ class ChunkStore:
             except zstandard.ZstdError as e:
                 raise ChunkCorruptError(f"chunk {key} does not decompress: {e}",
                                         item=item or key) from e
-            if not dobj.eof:
-                raise ChunkCorruptError(f"chunk {key} is truncated", item=item or key)
-            if dobj.unused_data:
-                raise ChunkCorruptError(f"chunk {key} has data after its frame", item=item or key)
+        finally:
+            f.close()
+        if not dobj.eof:
+            raise ChunkCorruptError(f"chunk {key} is truncated", item=item or key)
+        if dobj.unused_data:
+            raise ChunkCorruptError(f"chunk {key} has data after its frame", item=item or key)
         return ChunkDigest(size, xxh.hexdigest(), sha.hexdigest(), nar_size)
 
     def quick_digest(self, key: str, *, item: str | None = None) -> tuple[int, str]:
         """Size and XXH3-128 of a chunk file, read once without decompressing it."""
         xxh = xxhash.xxh3_128()
         size = 0
-        with self.open_chunk(key, item=item) as f:
+        f = self.open_chunk(key, item=item)
+        try:
             while block := f.read(1 << 20):
                 xxh.update(block)
                 size += len(block)
+        finally:
+            f.close()
         return size, xxh.hexdigest()
 
-    def has_chunk(self, key: str) -> bool:
-        return self.chunk_path(key).exists()
+    def chunk_files(self) -> dict[str, Entry]:
+        """Every chunk with its size and mtime: one listing of `nar/`."""
+        return {e.name.removesuffix(".nar.zst"): e for e in self.backend.listdir(NAR_DIR)
+                if e.name.endswith(".nar.zst") and KEY_RE.fullmatch(e.name[: -len(".nar.zst")])}
 
-    def touch(self, refs: Iterable[Any]) -> None:
-        """Renew the mtime of chunks a save reuses (gc's grace period counts from it)."""
-        for ref in refs:
-            with contextlib.suppress(FileNotFoundError):
-                os.utime(self.chunk_path(ref.key))
+    def renew_chunks(self, keys: Iterable[str]) -> None:
+        """Renew the mtime of chunks a save reuses, where the backend can (gc's grace period
+        counts from it; see schema/FORMAT.md, garbage collection)."""
+        for key in keys:
+            self.backend.renew(self.chunk_name(key))
 
-    def chunk_files(self) -> dict[str, os.stat_result]:
-        """Every complete-named chunk file with its stat, in one listing."""
-        out = {}
-        with contextlib.suppress(FileNotFoundError), os.scandir(self.root / NAR_DIR) as entries:
-            for e in entries:
-                key = e.name.removesuffix(".nar.zst")
-                if e.name.endswith(".nar.zst") and KEY_RE.fullmatch(key):
-                    out[key] = e.stat()
-        return out
+    def chunk_stat(self, key: str) -> Entry | None:
+        return self.backend.stat(self.chunk_name(key))
 
     def delete_chunk(self, key: str) -> None:
         """Narinfo first: a chunk without its narinfo is incomplete, never the reverse."""
-        for path in (self.narinfo_path(key), self.chunk_path(key)):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+        self.backend.delete(self.narinfo_name(key))
+        self.backend.delete(self.chunk_name(key))
 
-    def manifest_path(self, name: str) -> Path:
-        from incstore.manifest import check_name  # manifest imports this module
+    def sweep_chunk(self, key: str, cutoff: float) -> bool:
+        """Delete a chunk whose mtime is before `cutoff`, checked atomically where the backend
+        can; its narinfo goes after it (a narinfo without its chunk reads as not stored)."""
+        if not self.backend.delete_if_older(self.chunk_name(key), cutoff):
+            return False
+        self.backend.delete(self.narinfo_name(key))
+        return True
 
-        return self.root / MANIFEST_DIR / f"{check_name(name)}.json"
+    def manifests(self) -> dict[str, Entry]:
+        """Named manifests with their size and last save (mtime): one listing."""
+        from incstore.manifest import NAME_RE
 
-    def write_manifest(self, name: str, data: bytes) -> None:
-        (self.root / MANIFEST_DIR).mkdir(parents=True, exist_ok=True)
-        atomicfile.write_bytes(self.manifest_path(name), data)
+        return {e.name.removesuffix(".json"): e for e in self.backend.listdir(MANIFEST_DIR)
+                if e.name.endswith(".json") and NAME_RE.fullmatch(e.name[: -len(".json")])}
 
     def manifest_names(self) -> list[str]:
-        with contextlib.suppress(FileNotFoundError), os.scandir(self.root / MANIFEST_DIR) as es:
-            return sorted(e.name.removesuffix(".json") for e in es
-                          if e.name.endswith(".json") and not atomicfile.is_temp_name(e.name))
-        return []
+        return sorted(self.manifests())
+
+    def write_manifest(self, name: str, data: bytes) -> None:
+        self.backend.write(self.manifest_name(name), data)
 
     def read_manifest(self, name: str) -> bytes:
         try:
-            return self.manifest_path(name).read_bytes()
+            return self.backend.read(self.manifest_name(name))
         except FileNotFoundError as e:
             raise ManifestError("no manifest of that name in the chunk store", item=name) from e
 
+    def has_manifest(self, name: str) -> bool:
+        return self.backend.stat(self.manifest_name(name)) is not None
+
     def delete_manifest(self, name: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.manifest_path(name).unlink()
+        self.backend.delete(self.manifest_name(name))
+
+    def write_pending(self, keys: Iterable[str]) -> str:
+        """Announce the chunks a running save will name, before it writes or reuses any, so that
+        a gc running meanwhile keeps them. Returns the pending record's name."""
+        name = f"{PENDING_DIR}/{os.getpid()}-{os.urandom(6).hex()}.json"
+        self.backend.write(name, json.dumps(sorted(set(keys))).encode())
+        return name
+
+    def pending(self) -> dict[str, tuple[Entry, set[str]]]:
+        """Pending records of saves (see `write_pending`), with the keys each announces."""
+        out = {}
+        for e in self.backend.listdir(PENDING_DIR):
+            name = f"{PENDING_DIR}/{e.name}"
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                out[name] = (e, set(json.loads(self.backend.read(name))))
+        return out
+
+    def drop_pending(self, name: str) -> None:
+        self.backend.delete(name)
 
     def sweep(self) -> list[str]:
         """Delete temporary files that writers which died left behind."""
-        return [name for sub in (self.root, self.root / NAR_DIR, self.root / MANIFEST_DIR)
-                for name in atomicfile.sweep(sub)]
-
-    def write_narinfo(self, key: str, info: NarInfo) -> None:
-        atomicfile.write_bytes(self.narinfo_path(key), info.render().encode())
-
-    def open_chunk(self, key: str, *, item: str | None = None) -> BinaryIO:
-        try:
-            return open(self.chunk_path(key), "rb")
-        except FileNotFoundError as e:
-            raise ChunkMissingError(
-                f"chunk {key} is missing from the chunk store {self.root}", item=item or key
-            ) from e
+        return self.backend.sweep()

@@ -28,9 +28,8 @@ from incstore.stats import diff, stats
 from incstore.store import Store
 
 
-def default_cache() -> Path:
-    env = os.environ.get("INCSTORE_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "incstore"
+def default_cache() -> str:
+    return os.environ.get("INCSTORE_CACHE") or str(Path.home() / ".cache" / "incstore")
 
 
 def _progress(total: int, verb: str) -> Callable[[str, str], None] | None:
@@ -67,8 +66,9 @@ prefix_option = click.option(
     help="Physical root: items under PREFIX/gnu/store, the DB under PREFIX/var/guix/db.",
 )
 cache_option = click.option(
-    "--cache", type=click.Path(path_type=Path), default=None,
-    help="Chunk store directory [default: $INCSTORE_CACHE, else ~/.cache/incstore].",
+    "--cache", default=None, metavar="DIR|s3://BUCKET/PREFIX",
+    help="Chunk store: a directory, or s3://BUCKET/PREFIX with endpoint and credentials from "
+    "the AWS_* environment [default: $INCSTORE_CACHE, else ~/.cache/incstore].",
 )
 jobs_option = click.option("--jobs", type=click.IntRange(1, 64), default=os.cpu_count() or 2,
                            show_default="number of cores", help="Parallel workers.")
@@ -81,7 +81,8 @@ def cli() -> None:
     """A content-addressed, incremental store cache for Guix and Nix in CI."""
 
 
-def _load_manifest(manifest_path: Path | None, name: str | None, cache: Path) -> manifest.Manifest:
+def _load_manifest(manifest_path: Path | None, name: str | None, cache: str
+                   ) -> manifest.Manifest:
     if (manifest_path is None) == (name is None):
         raise click.UsageError("give exactly one of --manifest FILE and --name NAME")
     if manifest_path is not None:
@@ -114,7 +115,7 @@ name_option = click.option(
               help="zstd compression level.")
 @click.option("--dry-run", is_flag=True, help="Print what would be written and stop.")
 @json_option
-def save(db_path: Path, prefix: Path, cache: Path | None, manifest_path: Path | None,
+def save(db_path: Path, prefix: Path, cache: str | None, manifest_path: Path | None,
          name: str | None, closure_of: tuple[str, ...], exclude_db: tuple[Path, ...], jobs: int,
          level: int, dry_run: bool, as_json: bool) -> None:
     """Save the store's valid paths into the chunk store and write a manifest."""
@@ -154,7 +155,7 @@ def save(db_path: Path, prefix: Path, cache: Path | None, manifest_path: Path | 
 @jobs_option
 @click.option("--dry-run", is_flag=True, help="Print the plan and stop.")
 @json_option
-def restore(manifest_path: Path | None, name: str | None, cache: Path | None, prefix: Path,
+def restore(manifest_path: Path | None, name: str | None, cache: str | None, prefix: Path,
             db_path: Path | None, db_out: Path | None, in_place: bool, jobs: int, dry_run: bool,
             as_json: bool) -> None:
     """Extract the manifest's missing items, verify them and register them."""
@@ -192,7 +193,7 @@ def restore(manifest_path: Path | None, name: str | None, cache: Path | None, pr
               show_default=True, help="Never sweep a chunk written or reused this recently.")
 @click.option("--dry-run", is_flag=True, help="Print what would go and stop.")
 @json_option
-def gc(cache: Path | None, keep_days: float | None, max_bytes: int | None,
+def gc(cache: str | None, keep_days: float | None, max_bytes: int | None,
        grace_minutes: float, dry_run: bool, as_json: bool) -> None:
     """Drop old manifests and sweep the chunks no kept manifest needs."""
     plan = plan_gc(cache or default_cache(), keep_days=keep_days, max_bytes=max_bytes,
@@ -218,7 +219,7 @@ def gc(cache: Path | None, keep_days: float | None, max_bytes: int | None,
 @click.option("--full", is_flag=True, help="Decompress every chunk and check its NAR sha256.")
 @jobs_option
 @json_option
-def check_cmd(cache: Path | None, manifest_paths: tuple[Path, ...], full: bool, jobs: int,
+def check_cmd(cache: str | None, manifest_paths: tuple[Path, ...], full: bool, jobs: int,
               as_json: bool) -> None:
     """Check that every chunk a manifest references is there and intact."""
     cache = cache or default_cache()
@@ -237,10 +238,10 @@ def check_cmd(cache: Path | None, manifest_paths: tuple[Path, ...], full: bool, 
 @cli.command("stats")
 @cache_option
 @json_option
-def stats_cmd(cache: Path | None, as_json: bool) -> None:
+def stats_cmd(cache: str | None, as_json: bool) -> None:
     """Items and bytes per manifest, unique versus shared, and their overlap."""
     chunks = ChunkStore(cache or default_cache())
-    held = sum(st.st_size for st in chunks.chunk_files().values())
+    held = sum(e.size for e in chunks.chunk_files().values())
     report = stats(load_named(chunks), held)
     doc = report.to_json()
     names = sorted(doc["manifests"])
@@ -263,7 +264,7 @@ def stats_cmd(cache: Path | None, as_json: bool) -> None:
 @click.argument("a")
 @click.argument("b")
 @json_option
-def diff_cmd(cache: Path | None, a: str, b: str, as_json: bool) -> None:
+def diff_cmd(cache: str | None, a: str, b: str, as_json: bool) -> None:
     """Compare two manifests (files, or names in the chunk store)."""
     chunks = ChunkStore(cache or default_cache())
 

@@ -73,6 +73,11 @@ class ChunkStoreError(IncstoreError):
     summary = "the chunk store is not an incstore chunk store or holds another store directory"
 
 
+class RemoteError(IncstoreError):
+    exit_code = 13
+    summary = "a remote chunk store failed (credentials, missing bucket, unreachable, timeout)"
+
+
 EXIT_CODES: dict[int, str] = {
     0: "success",
     1: "internal error (a bug: please report it)",
@@ -90,6 +95,7 @@ EXIT_CODES: dict[int, str] = {
             PartialFailureError,
             StoreError,
             ChunkStoreError,
+            RemoteError,
         )
     },
 }

@@ -16,16 +16,23 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, Literal
 
 import xxhash
 import zstandard
 
 from incstore import atomicfile, db, faults, nar
+from incstore.backend import Reader
 from incstore.chunkstore import ChunkStore
-from incstore.errors import ChunkCorruptError, IncstoreError, StoreError, combine
+from incstore.errors import (
+    ChunkCorruptError,
+    IncstoreError,
+    NarFormatError,
+    StoreError,
+    combine,
+)
 from incstore.locks import PathLock, ensure_open_files, hold
-from incstore.manifest import Item, Manifest
+from incstore.manifest import ChunkRef, Item, Manifest
 from incstore.store import Store, remove_tree
 
 Progress = Callable[[str, str], None]
@@ -42,7 +49,7 @@ class Action(StrEnum):
 class RestorePlan:
     manifest: Manifest
     store: Store
-    cache: Path
+    cache: str | Path
     db_path: Path  # the DB read to decide what is valid
     db_mode: DbMode
     db_out: Path | None
@@ -76,7 +83,7 @@ class RestorePlan:
 def plan_restore(
     manifest: Manifest,
     prefix: Path,
-    cache: Path,
+    cache: str | Path,
     *,
     db_path: Path | None = None,
     db_out: Path | None = None,
@@ -102,7 +109,7 @@ def plan_restore(
 class _HashingReader:
     """Reads the compressed chunk, hashing and counting every byte taken from the file."""
 
-    def __init__(self, f: BinaryIO) -> None:
+    def __init__(self, f: Reader) -> None:
         self.f = f
         self.xxh = xxhash.xxh3_128()
         self.size = 0
@@ -113,9 +120,14 @@ class _HashingReader:
         self.size += len(data)
         return data
 
-    def drain(self) -> None:
+    def check(self, chunk: ChunkRef, item: str) -> None:
+        """Read the rest of the chunk; it must be the one the manifest names."""
         while self.read(1 << 20):
             pass
+        if self.size != chunk.size or self.xxh.hexdigest() != chunk.xxh3_128:
+            raise ChunkCorruptError(
+                f"chunk {chunk.key} ({self.size} bytes) fails its size or xxh3 check", item=item
+            )
 
 
 def extract_item(chunks: ChunkStore, store: Store, item: Item, store_fd: int) -> None:
@@ -123,23 +135,23 @@ def extract_item(chunks: ChunkStore, store: Store, item: Item, store_fd: int) ->
     info, chunk = item.info, item.chunk
     final = item.path.rsplit("/", 1)[1]
     tmp = store.temp_name(chunk.key)
-    with chunks.open_chunk(chunk.key, item=item.path) as f:
-        if os.fstat(f.fileno()).st_size != chunk.size:
-            raise ChunkCorruptError(
-                f"chunk {chunk.key} is {os.fstat(f.fileno()).st_size} bytes, "
-                f"the manifest says {chunk.size}",
-                item=item.path,
-            )
+    f = chunks.open_chunk(chunk.key, item=item.path)
+    try:
         raw = _HashingReader(f)
         try:
             dctx = zstandard.ZstdDecompressor()
             # _HashingReader has the read() that stream_reader needs; zstandard's stub asks IO
             reader = dctx.stream_reader(raw, read_across_frames=False)  # type: ignore[arg-type]
-            digest = nar.restore(reader.read, store_fd, tmp, owner=store.owner(), item=item.path)
+            try:
+                digest = nar.restore(reader.read, store_fd, tmp, owner=store.owner(),
+                                     item=item.path)
+            except NarFormatError:
+                # a damaged chunk reads as a broken NAR: blame the chunk when it fails its own
+                # checksum, the archive only when the chunk is the one the manifest names
+                raw.check(chunk, item.path)
+                raise
             faults.point("restore.extracted")
-            raw.drain()
-            if raw.xxh.hexdigest() != chunk.xxh3_128:
-                raise ChunkCorruptError(f"chunk {chunk.key} fails its xxh3 check", item=item.path)
+            raw.check(chunk, item.path)
             if digest.db_hash != info.hash or digest.size != info.nar_size:
                 raise ChunkCorruptError(
                     f"NAR hash {digest.db_hash} ({digest.size} bytes) is not the manifest's "
@@ -164,6 +176,8 @@ def extract_item(chunks: ChunkStore, store: Store, item: Item, store_fd: int) ->
         except OSError as e:
             remove_tree(store.store_root / tmp)
             raise StoreError(f"cannot extract: {e}", item=item.path) from e
+    finally:
+        f.close()
 
 
 @dataclass

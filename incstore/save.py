@@ -8,6 +8,7 @@ chunk store, and writes the manifest last, so a manifest never names a chunk tha
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -51,11 +52,18 @@ def variant_key(info: db.PathInfo, store_dir: str) -> str:
     return f"{hash_part}.{narinfo_hash(info.hash).removeprefix('sha256:')[:12]}"
 
 
-def chunk_key(info: db.PathInfo, store_dir: str, taken: NarInfo | None) -> str:
-    """The item's key: its hash part, unless that chunk holds a different NAR of the same path."""
-    if taken is None or taken.nar_hash == narinfo_hash(info.hash):
-        return StorePath.parse(info.path, store_dir).hash_part
-    return variant_key(info, store_dir)
+def _known_chunks(store: ChunkStore, complete: set[str]) -> dict[str, tuple[str, ChunkRef]]:
+    """key -> (narinfo NarHash, chunk ref), from the named manifests: a few GETs instead of one
+    narinfo read per reused chunk. Keys the manifests disagree on are left out."""
+    known: dict[str, tuple[str, ChunkRef]] = {}
+    clash: set[str] = set()
+    for name in store.manifest_names():
+        with contextlib.suppress(ManifestError):
+            for item in from_bytes(store.read_manifest(name), name).items:
+                entry = (narinfo_hash(item.info.hash), item.chunk)
+                if known.setdefault(item.chunk.key, entry) != entry:
+                    clash.add(item.chunk.key)
+    return {k: v for k, v in known.items() if k in complete and k not in clash}
 
 
 @dataclass(frozen=True)
@@ -64,7 +72,7 @@ class SavePlan:
 
     flavour: db.Flavour
     store: Store
-    cache: Path
+    cache: str | Path
     items: tuple[db.PathInfo, ...]
     keys: dict[str, str]  # path -> chunk key
     reused: dict[str, ChunkRef] = field(default_factory=dict)  # path -> existing chunk
@@ -89,7 +97,7 @@ class SavePlan:
 def plan_save(
     db_path: Path,
     prefix: Path,
-    cache: Path,
+    cache: str | Path,
     closure_of: Iterable[str] = (),
     exclude_dbs: Iterable[Path] = (),
 ) -> SavePlan:
@@ -102,20 +110,27 @@ def plan_save(
         excluded |= set(db.valid_paths(other, flavour))
     infos = tuple(snapshot.infos[p] for p in paths if p not in excluded)
     store = ChunkStore(cache)
-    if (cache / "nix-cache-info").exists():
+    if store.exists():
         store.check_store_dir(flavour.store_dir)
     complete = store.complete_keys()
+    known = _known_chunks(store, complete) if complete else {}
+
+    def existing(key: str) -> tuple[str, ChunkRef]:
+        if key not in known:
+            found = store.read_narinfo(key)
+            known[key] = (found.nar_hash, ChunkRef(key, found.file_size, found.xxh3_128))
+        return known[key]
+
     keys: dict[str, str] = {}
     reused: dict[str, ChunkRef] = {}
     for info in infos:
         hash_part = StorePath.parse(info.path, flavour.store_dir).hash_part
-        taken = store.read_narinfo(hash_part) if hash_part in complete else None
-        key = chunk_key(info, flavour.store_dir, taken)
+        ours = hash_part in complete and existing(hash_part)[0] == narinfo_hash(info.hash)
+        key = hash_part if ours or hash_part not in complete else variant_key(
+            info, flavour.store_dir)
         keys[info.path] = key
         if key in complete:
-            existing = taken if key == hash_part else store.read_narinfo(key)
-            assert existing is not None
-            reused[info.path] = ChunkRef(key, existing.file_size, existing.xxh3_128)
+            reused[info.path] = existing(key)[1]
     kept = {i.path for i in infos}
     external = tuple(sorted({r for i in infos for r in i.references if r not in kept}))
     return SavePlan(flavour, Store(prefix, flavour), cache, infos, keys, reused, external)
@@ -229,16 +244,16 @@ def _without_dependents(items: Iterable[Item], bad: set[str]) -> list[Item]:
 
 
 def _record(chunks: ChunkStore, name: str, manifest: Manifest) -> None:
-    """Record the manifest under its name; an unchanged one only gets a new mtime (its last
-    save, which gc's --keep-days counts from) so the store's digest stays the same."""
-    path = chunks.manifest_path(name)
-    try:
-        if from_bytes(path.read_bytes(), name).same_content(manifest):
-            os.utime(path)
-            return
-    except (FileNotFoundError, ManifestError):
-        pass
-    chunks.write_manifest(name, manifest.to_bytes())
+    """Record the manifest under its name. An unchanged one is written again byte for byte: its
+    mtime (the last save, which gc's --keep-days counts from) moves on, and the store's digest
+    stays the same."""
+    data = manifest.to_bytes()
+    with contextlib.suppress(ManifestError):
+        old = chunks.read_manifest(name)
+        with contextlib.suppress(ManifestError):
+            if from_bytes(old, name).same_content(manifest):
+                data = old
+    chunks.write_manifest(name, data)
 
 
 def execute_save(
@@ -257,8 +272,17 @@ def execute_save(
     chunks.sweep()
     if manifest_path is not None:
         atomicfile.sweep(manifest_path.parent)
-    # a fresh mtime puts reused chunks inside gc's grace period until our manifest exists
-    chunks.touch(plan.reused.values())
+    # announce every chunk this save will name, so that a gc running meanwhile keeps them
+    pending = chunks.write_pending(plan.keys.values())
+    chunks.renew_chunks(ref.key for ref in plan.reused.values())
+    try:
+        return _save(plan, chunks, manifest_path, name, jobs, level, progress)
+    finally:
+        chunks.drop_pending(pending)
+
+
+def _save(plan: SavePlan, chunks: ChunkStore, manifest_path: Path | None, name: str | None,
+          jobs: int, level: int, progress: Progress | None) -> SaveResult:
     refs: dict[str, ChunkRef] = dict(plan.reused)
     failed: list[IncstoreError] = []
     written: list[str] = []
@@ -285,10 +309,9 @@ def execute_save(
 
     # large items first, so the tail of the run is not one big item on one core
     run(sorted(plan.to_write, key=lambda i: -i.nar_size))
-    # a gc that ran at the same time may have swept a reused chunk before we touched it
-    lost = [i for i in plan.items
-            if i.path in plan.reused and not chunks.has_chunk(refs[i.path].key)]
-    run(lost)
+    # a gc that planned before our pending record existed may have swept a reused chunk
+    present = chunks.chunk_files()
+    run([i for i in plan.items if i.path in plan.reused and refs[i.path].key not in present])
     items = [Item(info, refs[info.path]) for info in plan.items if info.path in refs]
     items = _without_dependents(items, {e.item for e in failed if e.item})
     manifest = Manifest(plan.flavour, tuple(items), now_utc(), plan.external)

@@ -40,7 +40,7 @@ def save_named(db_path: Path, src: SampleStore, cache: Path, name: str) -> None:
 
 
 def chunk_bytes(cache: Path) -> int:
-    return sum(st.st_size for st in ChunkStore(cache).chunk_files().values())
+    return sum(e.size for e in ChunkStore(cache).chunk_files().values())
 
 
 def three_workflows(tmp_path: Path, extra: list[list[int]] | None = None

@@ -1,0 +1,189 @@
+"""Backend: where a chunk store's files live, as a handful of operations on named blobs.
+
+A name is a relative, slash-separated path (`nar/<key>.nar.zst`, `<key>.narinfo`,
+`manifests/<name>.json`); it is validated before use. Two backends implement the interface: a
+local directory (`LocalBackend`, here) and an S3 bucket prefix (`S3Backend`, in `incstore.s3`,
+needing the `s3` extra). Every write is all-or-nothing: temp file, fsync and rename locally,
+a single PUT or a completed multipart upload remotely. `create` never replaces an existing blob.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO, NamedTuple, Protocol
+
+from incstore import atomicfile
+from incstore.atomicfile import AlreadyExists
+from incstore.errors import ChunkStoreError
+
+_NAME_RE = re.compile(r"[A-Za-z0-9._+-]+(/[A-Za-z0-9._+-]+)*")
+
+__all__ = ["AlreadyExists", "Backend", "Entry", "LocalBackend", "Reader", "open_backend"]
+
+
+class Entry(NamedTuple):
+    name: str
+    size: int
+    mtime: float
+
+
+class Reader(Protocol):
+    def read(self, n: int = -1, /) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+def check_name(name: str) -> str:
+    if not _NAME_RE.fullmatch(name) or any(p in (".", "..") for p in name.split("/")):
+        raise ChunkStoreError(f"invalid blob name {name!r}")
+    return name
+
+
+class Backend(ABC):
+    """The operations a chunk store needs; names are checked by `check_name` first."""
+
+    url: str
+
+    @abstractmethod
+    def read(self, name: str) -> bytes:
+        """The whole blob; FileNotFoundError if there is none."""
+
+    @abstractmethod
+    def open(self, name: str) -> Reader:
+        """A streaming reader; FileNotFoundError if there is none."""
+
+    @abstractmethod
+    def write(self, name: str, data: bytes) -> None:
+        """Create or replace the blob, atomically."""
+
+    @abstractmethod
+    def create(self, name: str) -> contextlib.AbstractContextManager[BinaryIO]:
+        """Stream a new blob; it appears only on a clean exit, and never over an existing one
+        (`AlreadyExists` is raised then and the existing blob is kept)."""
+
+    @abstractmethod
+    def delete(self, name: str) -> None:
+        """Remove the blob; a missing one is fine."""
+
+    @abstractmethod
+    def listdir(self, directory: str) -> list[Entry]:
+        """The blobs directly inside `directory` ("" for the top), names relative to it."""
+
+    @abstractmethod
+    def stat(self, name: str) -> Entry | None:
+        """Size and mtime of one blob, or None."""
+
+    def sweep(self) -> list[str]:
+        """Remove what dead writers left behind; nothing to do where writes cannot be torn."""
+        return []
+
+    def delete_if_older(self, name: str, cutoff: float) -> bool:
+        """Delete the blob if its mtime is before `cutoff`; True if it was deleted."""
+        entry = self.stat(name)
+        if entry is None or entry.mtime >= cutoff:
+            return False
+        self.delete(name)
+        return True
+
+    def renew(self, name: str) -> None:  # noqa: B027 (optional: a no-op where unsupported)
+        """Move the blob's mtime to now, where the backend can do that without rewriting it."""
+
+    def local_path(self, name: str) -> Path:
+        raise ChunkStoreError(f"{self.url} is not a local directory")
+
+
+class LocalBackend(Backend):
+    """A chunk store in a local directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.url = str(root)
+
+    def local_path(self, name: str) -> Path:
+        return self.root / check_name(name)
+
+    def read(self, name: str) -> bytes:
+        return self.local_path(name).read_bytes()
+
+    def open(self, name: str) -> Reader:
+        return open(self.local_path(name), "rb")
+
+    def _parent(self, name: str) -> Path:
+        path = self.local_path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def write(self, name: str, data: bytes) -> None:
+        atomicfile.write_bytes(self._parent(name), data)
+
+    @contextlib.contextmanager
+    def create(self, name: str) -> Iterator[BinaryIO]:
+        with atomicfile.atomic_writer(self._parent(name), create_only=True) as f:
+            yield f
+
+    def delete(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.local_path(name).unlink()
+
+    def listdir(self, directory: str) -> list[Entry]:
+        where = self.root / check_name(directory) if directory else self.root
+        out = []
+        with contextlib.suppress(FileNotFoundError), os.scandir(where) as entries:
+            for e in entries:
+                if e.is_file(follow_symlinks=False) and not atomicfile.is_temp_name(e.name):
+                    st = e.stat(follow_symlinks=False)
+                    out.append(Entry(e.name, st.st_size, st.st_mtime))
+        return out
+
+    def renew(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(self.local_path(name))
+
+    def delete_if_older(self, name: str, cutoff: float) -> bool:
+        # Move it aside first, then look at its mtime: a renew that came before the move shows
+        # in the moved file (which then goes back), and one that comes after finds no file.
+        path = self.local_path(name)
+        aside = atomicfile.temp_path_for(path)
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return False
+        if aside.stat().st_mtime >= cutoff:
+            with contextlib.suppress(FileExistsError):
+                os.link(aside, path)  # a writer may have created it anew meanwhile: keep that
+            aside.unlink()
+            return False
+        aside.unlink()
+        return True
+
+    def stat(self, name: str) -> Entry | None:
+        try:
+            st = self.local_path(name).stat()
+        except FileNotFoundError:
+            return None
+        return Entry(name, st.st_size, st.st_mtime)
+
+    def sweep(self) -> list[str]:
+        return [name for directory, _, _ in os.walk(self.root)
+                for name in atomicfile.sweep(Path(directory))]
+
+
+def open_backend(location: str | Path) -> Backend:
+    """`s3://bucket/prefix` or a local directory."""
+    text = str(location)
+    if text.startswith("s3://"):
+        try:
+            from incstore.s3 import S3Backend
+        except ImportError as e:
+            raise ChunkStoreError(
+                "an s3:// chunk store needs the s3 extra: pip install 'incstore[s3]'"
+            ) from e
+        return S3Backend(text)
+    if "://" in text:
+        raise ChunkStoreError(f"unsupported chunk store location {text!r} (a directory or s3://)")
+    return LocalBackend(Path(text))

@@ -1,0 +1,217 @@
+"""S3 backend: a chunk store in an S3-compatible bucket (AWS S3, R2, MinIO, Garage, Ceph RGW).
+
+`s3://BUCKET/PREFIX` with the endpoint, region and credentials from the standard AWS
+environment variables (AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+AWS_SESSION_TOKEN); plain-HTTP endpoints are allowed for self-hosted servers. The client is
+obstore (Rust object_store): it imports in milliseconds, retries with backoff, and every
+request has an explicit timeout (INCSTORE_S3_TIMEOUT, default 60 s), so a frozen server ends in
+a clear error instead of a silent stall.
+
+Write-once chunks use a conditional create (`If-None-Match: *`); uploads stream through a spool
+file (memory bounded) and go multipart above 8 MiB; downloads stream and, when a connection
+drops, resume with a ranged GET from the last byte received.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from typing import Any, BinaryIO, TypeVar
+
+import obstore
+from obstore import exceptions as obx
+from obstore.store import S3Store
+
+from incstore.backend import AlreadyExists, Backend, Entry, Reader, check_name
+from incstore.errors import RemoteError
+
+PART = 8 << 20
+SPOOL = 8 << 20
+RESUMES = 5
+T = TypeVar("T")
+
+
+def _seconds(env: str, default: float) -> float:
+    try:
+        return float(os.environ.get(env, default))
+    except ValueError:
+        return default
+
+
+class S3Backend(Backend):
+    """A chunk store under `s3://bucket/prefix`."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        bucket, _, prefix = url.removeprefix("s3://").partition("/")
+        if not bucket:
+            raise RemoteError("no bucket in the chunk store URL", item=url)
+        self.bucket = bucket
+        timeout = _seconds("INCSTORE_S3_TIMEOUT", 60)
+        self.timeout = timeout
+        self.store = S3Store(
+            bucket,
+            prefix=prefix.strip("/") or None,
+            client_options={"allow_http": True, "timeout": timedelta(seconds=timeout),
+                            "connect_timeout": timedelta(seconds=min(10, timeout))},
+            retry_config={"max_retries": 4, "retry_timeout": timedelta(seconds=timeout * 2),
+                          "backoff": {"init_backoff": timedelta(milliseconds=100),
+                                      "max_backoff": timedelta(seconds=5), "base": 2}},
+        )
+
+    def _call(self, what: str, name: str, fn: Callable[[], T]) -> T:
+        """Run one request; turn the client's errors into one clear line naming the blob."""
+        try:
+            return fn()
+        except FileNotFoundError:
+            raise
+        except (obx.UnauthenticatedError, obx.PermissionDeniedError) as e:
+            raise RemoteError(f"{what} refused: bad or missing credentials ({_first(e)})",
+                              item=self._where(name)) from e
+        except obx.BaseError as e:
+            raise RemoteError(f"{what} failed: {_first(e)}", item=self._where(name)) from e
+        except OSError as e:
+            raise RemoteError(f"{what} failed: {e}", item=self._where(name)) from e
+
+    def _where(self, name: str) -> str:
+        return f"{self.url.rstrip('/')}/{name}"
+
+    def _missing(self, name: str, e: FileNotFoundError) -> FileNotFoundError:
+        if "NoSuchBucket" in str(e):
+            raise RemoteError(f"bucket {self.bucket} does not exist", item=self.url) from e
+        return e
+
+    def read(self, name: str) -> bytes:
+        try:
+            return self._call("GET", name,
+                              lambda: bytes(obstore.get(self.store, check_name(name)).bytes()))
+        except FileNotFoundError as e:
+            raise self._missing(name, e) from None
+
+    def open(self, name: str) -> Reader:
+        try:
+            return _ResumingReader(self, check_name(name))
+        except FileNotFoundError as e:
+            raise self._missing(name, e) from None
+
+    def write(self, name: str, data: bytes) -> None:
+        try:
+            self._call("PUT", name, lambda: obstore.put(self.store, check_name(name), data))
+        except FileNotFoundError as e:
+            raise self._missing(name, e) from None
+
+    @contextlib.contextmanager
+    def create(self, name: str) -> Iterator[BinaryIO]:
+        check_name(name)
+        with tempfile.SpooledTemporaryFile(max_size=SPOOL) as spool:
+            yield spool  # type: ignore[misc]
+            size = spool.tell()
+            spool.seek(0)
+
+            def put() -> Any:
+                return obstore.put(self.store, name, spool, mode="create", chunk_size=PART,
+                                   use_multipart=size > PART, max_concurrency=4)
+
+            try:
+                self._call("PUT", name, put)
+            except RemoteError as e:
+                if isinstance(e.__cause__, obx.AlreadyExistsError | obx.PreconditionError):
+                    raise AlreadyExists(name) from None
+                raise
+            except FileNotFoundError as e:
+                raise self._missing(name, e) from None
+
+    def delete(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._call("DELETE", name, lambda: obstore.delete(self.store, check_name(name)))
+
+    def listdir(self, directory: str) -> list[Entry]:
+        prefix = check_name(directory) if directory else None
+        try:
+            result = self._call("LIST", directory or "/", lambda: obstore.list_with_delimiter(
+                self.store, prefix))
+        except FileNotFoundError as e:
+            raise self._missing(directory, e) from None
+        base = f"{prefix}/" if prefix else ""
+        return [Entry(o["path"].removeprefix(base), o["size"], o["last_modified"].timestamp())
+                for o in result["objects"]]
+
+    def stat(self, name: str) -> Entry | None:
+        try:
+            meta = self._call("HEAD", name, lambda: obstore.head(self.store, check_name(name)))
+        except FileNotFoundError as e:
+            self._missing(name, e)
+            return None
+        return Entry(name, meta["size"], meta["last_modified"].timestamp())
+
+
+def _first(e: BaseException) -> str:
+    """The client's message, first line, without the request dump."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text[:300]
+
+
+class _ResumingReader:
+    """Streams a GET; after a dropped connection, continues with a ranged GET from the offset."""
+
+    def __init__(self, backend: S3Backend, name: str) -> None:
+        self.backend = backend
+        self.name = name
+        self.offset = 0
+        self.buf = b""
+        self.resumes = 0
+        self.size: int | None = None
+        self.stream: Iterator[Any] | None = None
+        self._start()
+
+    def _start(self) -> None:
+        options: Any = {"range": {"offset": self.offset}} if self.offset else None
+
+        def get() -> Any:
+            return obstore.get(self.backend.store, self.name, options=options)
+
+        result = self.backend._call("GET", self.name, get)
+        if self.size is None:
+            self.size = result.meta["size"]
+        self.stream = iter(result.stream(min_chunk_size=1 << 20))
+
+    def _next(self) -> bytes:
+        assert self.stream is not None
+        while True:
+            try:
+                return bytes(next(self.stream))
+            except StopIteration:
+                return b""
+            except FileNotFoundError:
+                raise
+            except (obx.BaseError, OSError) as e:
+                self.resumes += 1
+                if self.resumes > RESUMES:
+                    raise RemoteError(f"download failed after {RESUMES} resumes: {_first(e)}",
+                                      item=self.backend._where(self.name)) from e
+                self._start()
+
+    def read(self, n: int = -1, /) -> bytes:
+        while n < 0 or len(self.buf) < n:
+            block = self._next()
+            if not block:
+                break
+            self.offset += len(block)
+            self.buf += block
+        if n < 0:
+            out, self.buf = self.buf, b""
+        else:
+            out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def close(self) -> None:
+        self.stream = None
+
+    def __enter__(self) -> _ResumingReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
