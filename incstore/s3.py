@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any, BinaryIO, TypeVar
@@ -72,12 +74,18 @@ class S3Backend(Backend):
             raise RemoteError(f"{what} refused: bad or missing credentials ({_first(e)})",
                               item=self._where(name)) from e
         except obx.BaseError as e:
-            raise RemoteError(f"{what} failed: {_first(e)}", item=self._where(name)) from e
+            if "NoSuchBucket" in str(e):
+                raise RemoteError(f"bucket {self.bucket} does not exist", item=self.url) from e
+            text = _first(e)
+            if "error sending request" in text or "timed out" in text.lower():
+                endpoint = os.environ.get("AWS_ENDPOINT_URL", "the S3 endpoint")
+                text = f"cannot reach {endpoint} (unreachable or not answering): {text}"
+            raise RemoteError(f"{what} failed: {text}", item=self._where(name)) from e
         except OSError as e:
             raise RemoteError(f"{what} failed: {e}", item=self._where(name)) from e
 
     def _where(self, name: str) -> str:
-        return f"{self.url.rstrip('/')}/{name}"
+        return f"{self.url.rstrip('/')}/{name}" if name else self.url
 
     def _missing(self, name: str, e: FileNotFoundError) -> FileNotFoundError:
         if "NoSuchBucket" in str(e):
@@ -125,13 +133,29 @@ class S3Backend(Backend):
                 raise self._missing(name, e) from None
 
     def delete(self, name: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self._call("DELETE", name, lambda: obstore.delete(self.store, check_name(name)))
+        check_name(name)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                self._call("DELETE", name, lambda: obstore.delete(self.store, name))
+        except RemoteError as e:
+            # the client deletes through the batch API (POST ?delete); minimal servers lack it
+            if "501" not in str(e) and "Not Implemented" not in str(e):
+                raise
+            self._call("DELETE", name, lambda: self._plain_delete(name))
+
+    def _plain_delete(self, name: str) -> None:
+        url = obstore.sign(self.store, "DELETE", name, timedelta(minutes=5))
+        request = urllib.request.Request(url, method="DELETE")
+        try:
+            urllib.request.urlopen(request, timeout=self.timeout).close()
+        except urllib.error.HTTPError as e:
+            if e.code != 404:
+                raise OSError(f"HTTP {e.code} {e.reason}") from e
 
     def listdir(self, directory: str) -> list[Entry]:
         prefix = check_name(directory) if directory else None
         try:
-            result = self._call("LIST", directory or "/", lambda: obstore.list_with_delimiter(
+            result = self._call("LIST", directory, lambda: obstore.list_with_delimiter(
                 self.store, prefix))
         except FileNotFoundError as e:
             raise self._missing(directory, e) from None

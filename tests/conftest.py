@@ -10,11 +10,17 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from collections.abc import Iterator
+
 import jsonschema
 import pytest
 
 from incstore import db, sample
+from incstore.backend import open_backend
 from incstore.store import Store
+
+from .s3server import S3Server
+from .s3server import available as s3_available
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = json.loads((ROOT / "schema" / "manifest.schema.json").read_text())
@@ -81,3 +87,47 @@ def saved(tmp_path: Path, guix_store: SampleStore) -> tuple[SampleStore, Path, P
             "--cache", cache, "--manifest", manifest)
     assert r.code == 0, r.err
     return guix_store, cache, manifest
+
+
+@pytest.fixture(scope="session")
+def moto() -> Iterator[S3Server]:
+    if not s3_available("moto"):
+        pytest.skip("moto_server not installed (pip install -e '.[test]')")
+    server = S3Server("moto").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@dataclass
+class Location:
+    """A chunk store location for the conformance suite, and how to reach its raw blobs."""
+
+    kind: str
+    url: str
+    server: S3Server | None = None
+    bucket: str = ""
+    prefix: str = ""
+
+    def damage(self, name: str, data: bytes) -> None:
+        """Overwrite a blob behind the chunk store's back (a plain write, no create-only)."""
+        open_backend(self.url).write(name, data)
+
+    def remove(self, name: str) -> None:
+        open_backend(self.url).delete(name)
+
+
+_buckets = iter(range(1, 1_000_000))
+
+
+@pytest.fixture(params=["local", "s3"])
+def location(request: pytest.FixtureRequest, tmp_path: Path,
+             monkeypatch: pytest.MonkeyPatch) -> Location:
+    if request.param == "local":
+        return Location("local", str(tmp_path / "chunks"))
+    server: S3Server = request.getfixturevalue("moto")
+    for key, value in server.env.items():
+        monkeypatch.setenv(key, value)
+    bucket = server.create_bucket(f"incstore-{os.getpid()}-{next(_buckets)}")
+    return Location("s3", f"s3://{bucket}/cache", server, bucket, "cache")
