@@ -1,6 +1,6 @@
 """Benchmark: incstore side by side with the monolithic `tar | zstd` cache, in one run.
 
-    python3 bench/run.py [--mb 500] [--items 100] [--reps 3] [--where disk,shm] [--nix]
+    python3 bench/run.py [--mb 500] [--items 100] [--reps 3] [--where disk,shm] [--nix] [--s3]
 
 Builds a realistic Guix store (bench/realstore.py), then times each scenario for incstore and for
 the baseline (`tar -c gnu/store var/guix/db | zstd -T0 -3`, `zstd -d | tar -x`), several times,
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import sqlite3
 import statistics
@@ -200,6 +201,8 @@ def bench(args: argparse.Namespace) -> list[Row]:
                 wipe(root)
         if args.nix:
             rows += nix_peer(work, src, args)
+        if args.s3:
+            rows += s3_scenarios(work, src, archive, args)
     finally:
         if not args.keep:
             wipe(work)
@@ -237,6 +240,53 @@ def nix_peer(work: Path, src: Path, args: argparse.Namespace) -> list[Row]:
     return [save, restore]
 
 
+def s3_scenarios(work: Path, src: Path, archive: Path, args: argparse.Namespace) -> list[Row]:
+    """Save and restore through a local S3 server (localbucket, data on disk, loopback); the
+    baseline uploads and downloads its one archive through the same server."""
+    port = 9000 + os.getpid() % 1000
+    data = work / "s3data"
+    (data / "bench").mkdir(parents=True)  # localbucket: a bucket is a folder
+    server = subprocess.Popen(["localbucket", "--port", str(port), str(data)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench",
+           "AWS_SECRET_ACCESS_KEY": "bench", "AWS_REGION": "us-east-1"}
+    os.environ.update(env)
+    time.sleep(1)
+    copy = [sys.executable, str(Path(__file__).with_name("s3copy.py"))]
+    db_path = Store(src, db.GUIX).default_db
+    rows = [Row("S3 cold save", "disk"), Row("S3 restore, empty store", "shm"),
+            Row("S3 restore, 90% present", "shm")]
+    dst = Path(tempfile.mkdtemp(prefix="incstore-bench-s3-", dir=args.shm_dir))
+    base_dst = dst.with_name(dst.name + "-base")
+    try:
+        for rep in range(args.reps):
+            cache = f"s3://bench/run{rep}"
+            save_cmd = [*INCSTORE, "save", "--db", str(db_path), "--prefix", str(src),
+                        "--cache", cache, "--name", "b"]
+            base_save = (f"{tar_create(src, archive)} && {shlex.join(copy)} put {archive} "
+                         f"s3://bench/archive{rep}.tar.zst")
+            pair(rows[0], rep, save_cmd, base_save)
+            restore_cmd = [*INCSTORE, "restore", "--name", "b", "--cache", cache,
+                           "--prefix", str(dst / "r")]
+            base_restore = (f"{shlex.join(copy)} get s3://bench/archive{rep}.tar.zst "
+                            f"{dst}/a.tar.zst && {tar_extract(dst / 'a.tar.zst', base_dst)}")
+            wipe(dst / "r")
+            wipe(base_dst)
+            pair(rows[1], rep, restore_cmd, base_restore)
+            rows[2].ours_bytes = drop_leaves(dst / "r", 0.10)
+            wipe(base_dst)
+            pair(rows[2], rep, restore_cmd, base_restore)
+        rows[0].ours_bytes = du(data / "bench" / f"run{args.reps - 1}")
+        rows[0].base_bytes = du(archive)
+        rows[1].ours_bytes = rows[1].base_bytes = du(dst / "r")
+        rows[2].base_bytes = du(base_dst)
+    finally:
+        server.kill()
+        wipe(dst)
+        wipe(base_dst)
+    return rows
+
+
 def table(rows: list[Row]) -> str:
     head = ("| scenario | where | incstore s | baseline s | ratio | incstore bytes | "
             "baseline bytes | incstore peak MB | baseline peak MB |")
@@ -263,6 +313,8 @@ def main() -> None:
     parser.add_argument("--disk-dir", default="/var/tmp")
     parser.add_argument("--shm-dir", default="/dev/shm")
     parser.add_argument("--nix", action="store_true", help="add nix copy as a second peer")
+    parser.add_argument("--s3", action="store_true",
+                        help="add save and restore through a local S3 server (localbucket)")
     parser.add_argument("--json", type=Path, help="also write the raw samples here")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()

@@ -48,6 +48,8 @@ class Backend(ABC):
     """The operations a chunk store needs; names are checked by `check_name` first."""
 
     url: str
+    # workers worth running at once: a remote store waits on the network, not on the CPU
+    min_workers = 1
 
     @abstractmethod
     def read(self, name: str) -> bytes:

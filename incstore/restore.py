@@ -280,7 +280,7 @@ def execute_restore(
                     return e
                 return True
 
-            with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            with ThreadPoolExecutor(max_workers=max(jobs, chunks.backend.min_workers)) as pool:
                 for item, outcome in zip(todo, pool.map(one, todo), strict=True):
                     if isinstance(outcome, IncstoreError):
                         failed.append(outcome)

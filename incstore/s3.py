@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -45,6 +46,8 @@ def _seconds(env: str, default: float) -> float:
 
 class S3Backend(Backend):
     """A chunk store under `s3://bucket/prefix`."""
+
+    min_workers = 8
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -133,24 +136,27 @@ class S3Backend(Backend):
                 raise self._missing(name, e) from None
 
     def delete(self, name: str) -> None:
+        # The client deletes through the batch API (POST ?delete), which minimal servers lack;
+        # a plain DELETE of a presigned URL works on every S3 server.
         check_name(name)
-        try:
-            with contextlib.suppress(FileNotFoundError):
-                self._call("DELETE", name, lambda: obstore.delete(self.store, name))
-        except RemoteError as e:
-            # the client deletes through the batch API (POST ?delete); minimal servers lack it
-            if "501" not in str(e) and "Not Implemented" not in str(e):
-                raise
-            self._call("DELETE", name, lambda: self._plain_delete(name))
+        self._call("DELETE", name, lambda: self._plain_delete(name))
 
     def _plain_delete(self, name: str) -> None:
         url = obstore.sign(self.store, "DELETE", name, timedelta(minutes=5))
-        request = urllib.request.Request(url, method="DELETE")
-        try:
-            urllib.request.urlopen(request, timeout=self.timeout).close()
-        except urllib.error.HTTPError as e:
-            if e.code != 404:
-                raise OSError(f"HTTP {e.code} {e.reason}") from e
+        for attempt in range(4):
+            try:
+                urllib.request.urlopen(urllib.request.Request(url, method="DELETE"),
+                                       timeout=self.timeout).close()
+                return
+            except urllib.error.HTTPError as e:
+                if e.code == 404:
+                    return
+                if e.code < 500 or attempt == 3:
+                    raise OSError(f"HTTP {e.code} {e.reason}") from e
+            except OSError:
+                if attempt == 3:
+                    raise
+            time.sleep(0.1 * 2**attempt)
 
     def listdir(self, directory: str) -> list[Entry]:
         prefix = check_name(directory) if directory else None

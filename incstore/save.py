@@ -295,7 +295,7 @@ def _save(plan: SavePlan, chunks: ChunkStore, manifest_path: Path | None, name: 
             return info, e
 
     def run(todo: list[db.PathInfo]) -> None:
-        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        with ThreadPoolExecutor(max_workers=max(jobs, chunks.backend.min_workers)) as pool:
             for info, outcome in pool.map(one, todo):
                 if isinstance(outcome, IncstoreError):
                     failed.append(outcome)

@@ -136,7 +136,7 @@ def test_server_killed_and_restarted_during_a_restore(tmp_path: Path) -> None:
         from incstore.sample import SampleSpec, build
 
         src_prefix = tmp_path / "src"
-        build(src_prefix, db.GUIX, SampleSpec(items=24, blob_bytes=3 << 20, modules=4, seed=94))
+        build(src_prefix, db.GUIX, SampleSpec(items=40, blob_bytes=4 << 20, modules=4, seed=94))
         src = Store(src_prefix, db.GUIX)
         env = {**server.env, "INCSTORE_S3_TIMEOUT": "5"}
         url = "s3://persist/c"
@@ -147,7 +147,13 @@ def test_server_killed_and_restarted_during_a_restore(tmp_path: Path) -> None:
         proc = subprocess.Popen([sys.executable, "-m", "incstore", "restore", "--name", "a",
                                  "--cache", url, "--prefix", str(dst), "--jobs", "1"],
                                 env={**os.environ, **env}, stderr=subprocess.PIPE, text=True)
-        time.sleep(0.6)
+        # kill the server as soon as the restore has items in flight
+        store_dir = dst / "gnu" / "store"
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            if store_dir.is_dir() and any(store_dir.iterdir()):
+                break
+            time.sleep(0.005)
         assert proc.poll() is None, "the restore ended before the server was killed"
         server.stop()
         time.sleep(1.0)
