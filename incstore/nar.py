@@ -66,6 +66,10 @@ _ENTRY_OPEN = _T[b"entry"] + _T[b"("] + _T[b"name"]
 _REGULAR = _T[b"("] + _T[b"type"] + _T[b"regular"]
 _EXEC_CONTENTS = _T[b"executable"] + _T[b""] + _T[b"contents"]
 _OPEN_TYPE = _T[b"("] + _T[b"type"]
+# the token runs that open almost every node and entry, matched in one comparison each
+_PLAIN_FILE = _REGULAR + _T[b"contents"]
+_EXEC_FILE = _REGULAR + _EXEC_CONTENTS
+_ENTRY_HEAD = _ENTRY_OPEN
 _OPEN_NAME = _T[b"("] + _T[b"name"]
 _ZEROS = [b"\0" * n for n in range(8)]
 
@@ -227,6 +231,15 @@ class _Reader:
         self.padding(n)
         return data
 
+    def skip_if(self, encoded: bytes) -> bool:
+        """Consume `encoded` if the buffer holds it next; False leaves the slow path to decide
+        (also when it straddles a refill)."""
+        end = self.pos + len(encoded)
+        if self.buf[self.pos : end] == encoded:
+            self.pos = end
+            return True
+        return False
+
     def expect_raw(self, encoded: bytes, what: str) -> None:
         if self.take(len(encoded)) != encoded:
             raise self.fail(f"NAR is malformed: expected {what!r}")
@@ -269,6 +282,14 @@ class _Restorer:
         r = self.r
         if depth > MAX_DEPTH:
             raise r.fail(f"NAR is nested deeper than {MAX_DEPTH} levels")
+        if r.skip_if(_PLAIN_FILE):
+            self.file(parent, name, executable=False)
+            r.expect(b")")
+            return
+        if r.skip_if(_EXEC_FILE):
+            self.file(parent, name, executable=True)
+            r.expect(b")")
+            return
         r.expect_raw(_OPEN_TYPE, "( type")
         kind = r.string(MAX_TOKEN, "node type")
         if kind == b"regular":
@@ -299,6 +320,10 @@ class _Restorer:
             token = r.string(MAX_TOKEN, "token")
         if token != b"contents":
             raise r.fail("NAR is malformed: expected 'contents'")
+        self.file(parent, name, executable)
+
+    def file(self, parent: int, name: bytes, executable: bool) -> None:
+        r = self.r
         size = r.u64()
         mode = 0o555 if executable else 0o444
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -321,12 +346,13 @@ class _Restorer:
         try:
             previous: bytes | None = None
             while True:
-                token = r.string(MAX_TOKEN, "token")
-                if token == b")":
-                    break
-                if token != b"entry":
-                    raise r.fail("NAR is malformed: expected 'entry' or ')'")
-                r.expect_raw(_OPEN_NAME, "( name")
+                if not r.skip_if(_ENTRY_HEAD):
+                    token = r.string(MAX_TOKEN, "token")
+                    if token == b")":
+                        break
+                    if token != b"entry":
+                        raise r.fail("NAR is malformed: expected 'entry' or ')'")
+                    r.expect_raw(_OPEN_NAME, "( name")
                 entry = r.string(MAX_NAME, "entry name")
                 _check_name(r, entry)
                 if previous is not None and entry <= previous:
