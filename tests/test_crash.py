@@ -42,6 +42,16 @@ def spawn(args: list[str | Path], kill_at: str | None = None) -> subprocess.Pope
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
+def run_until_killed(args: list[str | Path], kill_at: str | None, delay: float | None) -> None:
+    """Run the CLI until it kills itself at `kill_at`, or until we kill it after `delay`."""
+    proc = spawn(args, kill_at)
+    if delay is not None:
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+    code = proc.wait()
+    assert code in (-signal.SIGKILL, 0), proc.stderr.read() if proc.stderr else ""
+
+
 def check_db(prefix: Path) -> None:
     """Every registered path exists and hashes to its DB hash; every reference is registered."""
     store = Store(prefix, db.GUIX)
@@ -90,12 +100,7 @@ def _kill_save(tmp_path: Path, src: SampleStore, kill_at: str | None, delay: flo
     cache, manifest = tmp_path / "cache", tmp_path / "m.json"
     args: list[str | Path] = ["save", "--db", src.db_path, "--prefix", src.prefix,
                               "--cache", cache, "--manifest", manifest]
-    proc = spawn(args, kill_at)
-    if delay is not None:
-        time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
-    code = proc.wait()
-    assert code in (-signal.SIGKILL, 0), proc.stderr.read() if proc.stderr else ""
+    run_until_killed(args, kill_at, delay)
     check_chunks(cache)
     if manifest.exists():
         validate_manifest(manifest)
@@ -140,12 +145,7 @@ def _kill_restore(tmp_path: Path, saved: tuple[SampleStore, Path, Path], kill_at
     first = make_sample(dst, items=2, seed=5)
     args: list[str | Path] = ["restore", "--manifest", manifest, "--cache", cache,
                               "--prefix", dst, "--jobs", "2"]
-    proc = spawn(args, kill_at)
-    if delay is not None:
-        time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
-    code = proc.wait()
-    assert code in (-signal.SIGKILL, 0), proc.stderr.read() if proc.stderr else ""
+    run_until_killed(args, kill_at, delay)
     check_db(dst)
     assert set(rows(first.db_path)) >= {i.path for i in first.infos}  # nothing lost
     r = run(*args)
