@@ -265,14 +265,6 @@ class ChunkStore:
         for key in keys:
             self.backend.renew(self.chunk_name(key))
 
-    def chunk_stat(self, key: str) -> Entry | None:
-        return self.backend.stat(self.chunk_name(key))
-
-    def delete_chunk(self, key: str) -> None:
-        """Narinfo first: a chunk without its narinfo is incomplete, never the reverse."""
-        self.backend.delete(self.narinfo_name(key))
-        self.backend.delete(self.chunk_name(key))
-
     def sweep_chunk(self, key: str, cutoff: float) -> bool:
         """Delete a chunk whose mtime is before `cutoff`, checked atomically where the backend
         can; its narinfo goes after it (a narinfo without its chunk reads as not stored)."""
