@@ -246,7 +246,7 @@ def s3_scenarios(work: Path, src: Path, archive: Path, args: argparse.Namespace)
     port = 9000 + os.getpid() % 1000
     data = work / "s3data"
     (data / "bench").mkdir(parents=True)  # localbucket: a bucket is a folder
-    server = subprocess.Popen(["localbucket", "--port", str(port), str(data)],
+    server = subprocess.Popen([sys.executable, "-m", "localbucket", "--port", str(port), str(data)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench",
            "AWS_SECRET_ACCESS_KEY": "bench", "AWS_REGION": "us-east-1"}

@@ -92,7 +92,7 @@ def saved(tmp_path: Path, guix_store: SampleStore) -> tuple[SampleStore, Path, P
 @pytest.fixture(scope="session")
 def moto() -> Iterator[S3Server]:
     if not s3_available("moto"):
-        pytest.skip("moto_server not installed (pip install -e '.[test]')")
+        pytest.skip("moto not installed (pip install -e '.[test]')")
     server = S3Server("moto").start()
     try:
         yield server

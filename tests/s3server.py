@@ -4,8 +4,8 @@ on disk, so it can be killed and started again)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -26,7 +26,9 @@ def free_port() -> int:
 
 
 def available(kind: str) -> bool:
-    return shutil.which("moto_server" if kind == "moto" else "localbucket") is not None
+    # run as modules of this interpreter: a console script may not be on PATH (pyenv shims
+    # are only made by a rehash)
+    return importlib.util.find_spec("moto.server" if kind == "moto" else kind) is not None
 
 
 @dataclass
@@ -46,12 +48,12 @@ class S3Server:
 
     def start(self) -> S3Server:
         if self.kind == "moto":
-            cmd = ["moto_server", "-H", "127.0.0.1", "-p", str(self.port)]
+            cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
         else:
             assert self.data is not None
             self.data.mkdir(parents=True, exist_ok=True)
-            cmd = ["localbucket", "--host", "127.0.0.1", "--port", str(self.port),
-                   str(self.data)]
+            cmd = [sys.executable, "-m", "localbucket", "--host", "127.0.0.1", "--port",
+                   str(self.port), str(self.data)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -85,11 +87,4 @@ class S3Server:
 
 
 
-def apply_env(server: S3Server) -> dict[str, str]:
-    """Point this process (and the CLI processes it starts) at the server."""
-    old = {k: os.environ.get(k, "") for k in server.env}
-    os.environ.update(server.env)
-    return old
-
-
-__all__ = ["S3Server", "apply_env", "available", "sys"]
+__all__ = ["CREDENTIALS", "S3Server", "available", "free_port"]
