@@ -52,11 +52,11 @@ class GcPlan:
         }
 
 
-def load_named(chunks: ChunkStore) -> dict[str, Manifest]:
-    """Every manifest recorded in the chunk store, parsed; an unreadable one stops the caller,
-    since nothing can be swept without knowing what it needs."""
-    return {name: from_bytes(chunks.read_manifest(name), name) for name in chunks.manifest_names()}
-
+def load_named(chunks: ChunkStore, names: Iterable[str] | None = None) -> dict[str, Manifest]:
+    """The manifests recorded in the chunk store (all, or `names`), parsed; an unreadable one
+    stops the caller, since nothing can be swept without knowing what it needs."""
+    wanted = chunks.manifest_names() if names is None else names
+    return {name: from_bytes(chunks.read_manifest(name), name) for name in wanted}
 
 
 def _keys(manifests: Iterable[Manifest]) -> set[str]:
@@ -68,7 +68,7 @@ def plan_gc(cache: str | Path, *, keep_days: float | None = None, max_bytes: int
     now = time.time() if now is None else now
     chunks = ChunkStore(cache)
     listed = chunks.manifests()
-    manifests = {n: from_bytes(chunks.read_manifest(n), n) for n in listed}
+    manifests = load_named(chunks, listed)
     saved_at = {n: listed[n].mtime for n in manifests}
     expired = sorted(n for n in manifests
                      if keep_days is not None and now - saved_at[n] > keep_days * 86400)

@@ -74,6 +74,16 @@ _OPEN_NAME = _T[b"("] + _T[b"name"]
 _ZEROS = [b"\0" * n for n in range(8)]
 
 
+def _kind(entry: os.DirEntry[str]) -> int:
+    if entry.is_symlink():
+        return stat.S_IFLNK
+    if entry.is_dir(follow_symlinks=False):
+        return stat.S_IFDIR
+    if entry.is_file(follow_symlinks=False):
+        return stat.S_IFREG
+    return 0
+
+
 class _Writer:
     """Collects small tokens into one buffer so the sink sees few, large writes."""
 
@@ -86,24 +96,26 @@ class _Writer:
             self.sink(bytes(self.buf))
             self.buf.clear()
 
-    def dump_node(self, dir_fd: int | None, name: str, depth: int) -> None:
+    def dump_node(self, dir_fd: int | None, name: str, depth: int, kind: int = 0) -> None:
+        """Dump one node; `kind` is its S_IFMT type when the directory listing told it."""
         if depth > MAX_DEPTH:
             raise StoreError(f"directory tree deeper than {MAX_DEPTH} levels", item=name)
-        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        if stat.S_ISREG(st.st_mode):
+        mode = kind or os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+        if stat.S_ISREG(mode):
             self.dump_file(dir_fd, name)
-        elif stat.S_ISLNK(st.st_mode):
+        elif stat.S_ISLNK(mode):
             target = os.readlink(name, dir_fd=dir_fd)
             self.buf += _T[b"("] + _T[b"type"] + _T[b"symlink"] + _T[b"target"]
             self.buf += _enc(os.fsencode(target)) + _T[b")"]
-        elif stat.S_ISDIR(st.st_mode):
+        elif stat.S_ISDIR(mode):
             fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
             try:
-                names = sorted(os.fsencode(e.name) for e in os.scandir(fd))
+                # the listing's d_type saves a stat per entry; 0 (unknown) falls back to stat
+                entries = sorted((os.fsencode(e.name), _kind(e)) for e in os.scandir(fd))
                 self.buf += _DIR_OPEN
-                for raw in names:
+                for raw, entry_kind in entries:
                     self.buf += _ENTRY_OPEN + _enc(raw) + _T[b"node"]
-                    self.dump_node(fd, os.fsdecode(raw), depth + 1)
+                    self.dump_node(fd, os.fsdecode(raw), depth + 1, entry_kind)
                     self.buf += _T[b")"]
                 self.buf += _T[b")"]
             finally:

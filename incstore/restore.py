@@ -130,8 +130,10 @@ class _HashingReader:
             )
 
 
-def extract_item(chunks: ChunkStore, store: Store, item: Item, store_fd: int) -> None:
-    """Extract one item to a temporary name, verify it, and rename it into place."""
+def extract_item(chunks: ChunkStore, store: Store, item: Item, store_fd: int,
+                 owner: tuple[int, int] | None) -> None:
+    """Extract one item to a temporary name, verify it, and rename it into place; files get
+    `owner` (see `Store.owner`) when it is given."""
     info, chunk = item.info, item.chunk
     final = item.path.rsplit("/", 1)[1]
     tmp = store.temp_name(chunk.key)
@@ -143,8 +145,7 @@ def extract_item(chunks: ChunkStore, store: Store, item: Item, store_fd: int) ->
             # _HashingReader has the read() that stream_reader needs; zstandard's stub asks IO
             reader = dctx.stream_reader(raw, read_across_frames=False)  # type: ignore[arg-type]
             try:
-                digest = nar.restore(reader.read, store_fd, tmp, owner=store.owner(),
-                                     item=item.path)
+                digest = nar.restore(reader.read, store_fd, tmp, owner=owner, item=item.path)
             except NarFormatError:
                 # a damaged chunk reads as a broken NAR: blame the chunk when it fails its own
                 # checksum, the archive only when the chunk is the one the manifest names
@@ -258,6 +259,7 @@ def execute_restore(
         swept = store.sweep_temps()
         atomicfile.sweep(plan.db_path.parent)
         store_fd = os.open(store.store_root, os.O_RDONLY | os.O_DIRECTORY)
+        owner = store.owner()
         try:
 
             missing = set(plan.missing_external)
@@ -275,7 +277,7 @@ def execute_restore(
                         and db.is_valid(plan.db_path, item.path)):
                     return False
                 try:
-                    extract_item(chunks, store, item, store_fd)
+                    extract_item(chunks, store, item, store_fd, owner)
                 except IncstoreError as e:
                     return e
                 return True
