@@ -19,7 +19,7 @@ from incstore.db import FLAVOURS, Flavour
 from incstore.errors import IncstoreError
 from incstore.gc import execute_gc, plan_gc
 from incstore.restore import execute_restore, plan_restore
-from incstore.save import execute_save, plan_save
+from incstore.save import execute_save, plan_save, previous_manifest
 from incstore.store import Store
 
 
@@ -59,7 +59,8 @@ def restore(env: Mapping[str, str]) -> int:
     plan = plan_restore(loaded, prefix, cache, db_path=db_path,
                         in_place=_env(env, "IN_PLACE", "false") == "true")
     result = execute_restore(plan, jobs=os.cpu_count() or 2)
-    nar_bytes = sum(i.info.nar_size for i in plan.to_extract if i.path in result.extracted)
+    restored = set(result.extracted)
+    nar_bytes = sum(loaded.nar_size(n) for n in plan.to_extract if loaded.paths[n] in restored)
     _write(env, {"restored": len(result.extracted), "skipped": len(plan.actions)
                  - len(plan.to_extract), "failed": len(result.failed), "bytes": nar_bytes,
                  "hit": "true"},
@@ -81,7 +82,8 @@ def save(env: Mapping[str, str]) -> int:
     store = Store(prefix, _flavour_of(env))
     db_path = Path(_env(env, "DB")) if _env(env, "DB") else store.default_db
     excludes = [Path(p) for p in _env(env, "EXCLUDE_DB").split() if p]
-    plan = plan_save(db_path, prefix, cache, exclude_dbs=excludes)
+    plan = plan_save(db_path, prefix, cache, exclude_dbs=excludes,
+                     previous=previous_manifest(cache, name))
     result = execute_save(plan, None, name=manifest.check_name(name), jobs=os.cpu_count() or 2)
     keep = _env(env, "KEEP_DAYS")
     max_bytes = _env(env, "MAX_BYTES")

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO, NamedTuple, Protocol
 
-from incstore import atomicfile
+from incstore import atomicfile, regularfile
 from incstore.atomicfile import AlreadyExists
 from incstore.errors import ChunkStoreError
 
@@ -38,8 +38,15 @@ class Reader(Protocol):
     def close(self) -> None: ...
 
 
+MAX_BLOB = 1 << 30  # the largest narinfo, manifest or cache-info `read` accepts
+
+
+def valid_name(name: str) -> bool:
+    return bool(_NAME_RE.fullmatch(name)) and not any(p in (".", "..") for p in name.split("/"))
+
+
 def check_name(name: str) -> str:
-    if not _NAME_RE.fullmatch(name) or any(p in (".", "..") for p in name.split("/")):
+    if not valid_name(name):
         raise ChunkStoreError(f"invalid blob name {name!r}")
     return name
 
@@ -50,6 +57,9 @@ class Backend(ABC):
     url: str
     # workers worth running at once: a remote store waits on the network, not on the CPU
     min_workers = 1
+    # whether reading every reused chunk at each save is cheap (a local disk), as opposed to
+    # downloading it (a remote store)
+    verifies_reads_cheaply = True
 
     @abstractmethod
     def read(self, name: str) -> bytes:
@@ -74,7 +84,12 @@ class Backend(ABC):
 
     @abstractmethod
     def listdir(self, directory: str) -> list[Entry]:
-        """The blobs directly inside `directory` ("" for the top), names relative to it."""
+        """The blobs directly inside `directory` ("" for the top), names relative to it. Names
+        that are not valid blob names (planted by someone else) are left out."""
+
+    @abstractmethod
+    def move(self, name: str, new_name: str) -> bool:
+        """Move a blob to a new name (replacing nothing); False if it was not there."""
 
     @abstractmethod
     def stat(self, name: str) -> Entry | None:
@@ -110,10 +125,24 @@ class LocalBackend(Backend):
         return self.root / check_name(name)
 
     def read(self, name: str) -> bytes:
-        return self.local_path(name).read_bytes()
+        try:
+            return regularfile.read(self.local_path(name), MAX_BLOB, follow=False)
+        except (regularfile.NotRegular, regularfile.TooLarge) as e:
+            raise ChunkStoreError(str(e).replace(str(self.root) + "/", ""), item=self.url) from e
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            raise ChunkStoreError(f"cannot read {name}: {e.strerror or e}", item=self.url) from e
 
     def open(self, name: str) -> Reader:
-        return open(self.local_path(name), "rb")
+        try:
+            return regularfile.open_binary(self.local_path(name), follow=False)
+        except regularfile.NotRegular as e:
+            raise ChunkStoreError(f"{name} is not a regular file", item=self.url) from e
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            raise ChunkStoreError(f"cannot open {name}: {e.strerror or e}", item=self.url) from e
 
     def _parent(self, name: str) -> Path:
         path = self.local_path(name)
@@ -135,12 +164,25 @@ class LocalBackend(Backend):
     def listdir(self, directory: str) -> list[Entry]:
         where = self.root / check_name(directory) if directory else self.root
         out = []
-        with contextlib.suppress(FileNotFoundError), os.scandir(where) as entries:
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError), \
+                os.scandir(where) as entries:
             for e in entries:
-                if e.is_file(follow_symlinks=False) and not atomicfile.is_temp_name(e.name):
-                    st = e.stat(follow_symlinks=False)
-                    out.append(Entry(e.name, st.st_size, st.st_mtime))
+                if e.is_file(follow_symlinks=False) and not atomicfile.is_temp_name(e.name) \
+                        and valid_name(e.name):
+                    with contextlib.suppress(FileNotFoundError):
+                        st = e.stat(follow_symlinks=False)
+                        out.append(Entry(e.name, st.st_size, st.st_mtime))
         return out
+
+    def move(self, name: str, new_name: str) -> bool:
+        target = self._parent(new_name)
+        try:
+            os.link(self.local_path(name), target, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        self.delete(name)
+        atomicfile.fsync_dir(target.parent)
+        return True
 
     def renew(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -165,7 +207,7 @@ class LocalBackend(Backend):
 
     def stat(self, name: str) -> Entry | None:
         try:
-            st = self.local_path(name).stat()
+            st = self.local_path(name).lstat()
         except FileNotFoundError:
             return None
         return Entry(name, st.st_size, st.st_mtime)

@@ -7,15 +7,21 @@ Quick mode reads each referenced chunk file once for its size and XXH3-128 (no d
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from incstore.chunkstore import ChunkStore
-from incstore.errors import ChunkCorruptError, ChunkMissingError, IncstoreError, combine
-from incstore.manifest import Item, Manifest
+from incstore.errors import (
+    ChunkCorruptError,
+    ChunkMissingError,
+    IncstoreError,
+    ManifestError,
+    combine,
+)
+from incstore.manifest import Manifest
+from incstore.pool import bounded_map
 
 
 @dataclass
@@ -23,57 +29,95 @@ class CheckReport:
     checked: int = 0
     damaged: list[IncstoreError] = field(default_factory=list)
     orphans: list[str] = field(default_factory=list)
+    unreadable: dict[str, str] = field(default_factory=dict)  # manifest name -> why
+    quarantined: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "checked": self.checked,
-            "ok": not self.damaged,
+            "ok": not self.damaged and not self.unreadable,
             "missing": [str(e) for e in self.damaged if isinstance(e, ChunkMissingError)],
             "corrupt": [str(e) for e in self.damaged if isinstance(e, ChunkCorruptError)],
+            "other": [str(e) for e in self.damaged
+                      if not isinstance(e, ChunkMissingError | ChunkCorruptError)],
             "orphans": self.orphans,
+            "unreadable_manifests": self.unreadable,
+            "quarantined": self.quarantined,
         }
 
     def error(self) -> IncstoreError | None:
-        return combine(self.damaged, "check") if self.damaged else None
+        if self.damaged:
+            return combine(self.damaged, "check")
+        if self.unreadable:
+            name, why = next(iter(sorted(self.unreadable.items())))
+            return ManifestError(f"{len(self.unreadable)} manifest(s) cannot be read: {why}",
+                                 item=name)
+        return None
 
 
-def _check_one(chunks: ChunkStore, item: Item, full: bool, present: set[str]
+@dataclass(frozen=True)
+class _Expect:
+    """What a manifest says of one chunk: compact, since a check may cover 200,000."""
+
+    key: str
+    nar_hash: str
+    nar_size: int
+    size: int
+    xxh3_128: str
+    path: str
+
+
+def _check_one(chunks: ChunkStore, want: _Expect, full: bool, present: set[str]
                ) -> IncstoreError | None:
-    key = item.chunk.key
+    key = want.key
     try:
         if key not in present:
-            return ChunkMissingError(f"chunk {key} is missing", item=item.path)
+            return ChunkMissingError(f"chunk {key} is missing", item=want.path)
         if full:
-            found = chunks.inspect(key, item=item.path)
-            nar_ok = ("sha256:" + found.nar_sha256, found.nar_size) == (item.info.hash,
-                                                                         item.info.nar_size)
+            found = chunks.inspect(key, item=want.path, nar_size=want.nar_size)
+            nar_ok = ("sha256:" + found.nar_sha256, found.nar_size) == (want.nar_hash,
+                                                                         want.nar_size)
             if not nar_ok:
                 return ChunkCorruptError(f"chunk {key} holds a NAR other than the manifest's",
-                                         item=item.path)
+                                         item=want.path)
             size, xxh = found.size, found.xxh3_128
         else:
-            size, xxh = chunks.quick_digest(key, item=item.path)
-        if (size, xxh) != (item.chunk.size, item.chunk.xxh3_128):
-            return ChunkCorruptError(f"chunk {key} fails its size or xxh3 check", item=item.path)
+            size, xxh = chunks.quick_digest(key, item=want.path)
+        if (size, xxh) != (want.size, want.xxh3_128):
+            return ChunkCorruptError(f"chunk {key} fails its size or xxh3 check", item=want.path)
     except IncstoreError as e:
         return e
     return None
 
 
-def check(cache: str | Path, manifests: Mapping[str, Manifest], *, full: bool = False,
-          jobs: int = 2) -> CheckReport:
-    chunks = ChunkStore(cache)
-    unique: dict[tuple[str, str, int, str], Item] = {}
+def _expectations(manifests: Mapping[str, Manifest]) -> Iterator[_Expect]:
+    seen: set[tuple[str, str, int, str]] = set()
     for m in manifests.values():
-        for item in m.items:
-            unique.setdefault((item.chunk.key, item.info.hash, item.chunk.size,
-                               item.chunk.xxh3_128), item)
-    report = CheckReport(checked=len(unique))
-    items = sorted(unique.values(), key=lambda i: i.path)
+        for n in range(len(m)):
+            ref = m.chunk(n)
+            ident = (ref.key, m.nar_hash(n), ref.size, ref.xxh3_128)
+            if ident not in seen:
+                seen.add(ident)
+                yield _Expect(ref.key, ident[1], m.nar_size(n), ref.size, ref.xxh3_128,
+                              m.paths[n])
+
+
+def check(cache: str | Path, manifests: Mapping[str, Manifest], *, full: bool = False,
+          jobs: int = 2, unreadable: Mapping[str, str] | None = None) -> CheckReport:
+    chunks = ChunkStore(cache)
+    report = CheckReport(unreadable=dict(unreadable or {}))
     present = set(chunks.chunk_files())  # one listing, not one request per chunk
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        found = pool.map(lambda i: _check_one(chunks, i, full, present), items)
-        report.damaged = [e for e in found if e]
-    referenced = {key for key, _, _, _ in unique}
+    referenced: set[str] = set()
+
+    def one(want: _Expect) -> IncstoreError | None:
+        return _check_one(chunks, want, full, present)
+
+    for want, error in bounded_map(one, _expectations(manifests),
+                                   workers=max(jobs, chunks.backend.min_workers)):
+        report.checked += 1
+        referenced.add(want.key)
+        if error is not None:
+            report.damaged.append(error)
     report.orphans = sorted(k for k in present if k not in referenced)
+    report.quarantined = sorted(e.name for e in chunks.quarantined())
     return report

@@ -18,7 +18,7 @@ import contextlib
 import hashlib
 import json
 import os
-import re
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,14 +29,12 @@ import zstandard
 
 from incstore.backend import Backend, Entry, Reader, open_backend
 from incstore.errors import ChunkCorruptError, ChunkMissingError, ChunkStoreError, ManifestError
-from incstore.storepath import NIX32_ALPHABET
+from incstore.manifest import NAME_RE, check_name
+from incstore.storepath import KEY_RE
 
 CACHE_INFO = "nix-cache-info"
 NAR_DIR = "nar"
 MANIFEST_DIR = "manifests"
-# A key is a store hash part, optionally with a suffix that tells apart two different NARs
-# of one store path (non-reproducible builds saved by different workflows).
-KEY_RE = re.compile(f"[{NIX32_ALPHABET}]{{32}}(\\.[{NIX32_ALPHABET}]{{8,52}})?")
 PRIORITY = 40
 
 
@@ -121,6 +119,7 @@ def check_key(key: str) -> str:
 
 
 PENDING_DIR = f"{MANIFEST_DIR}/pending"
+QUARANTINE_DIR = "quarantine"
 
 
 class ChunkStore:
@@ -143,8 +142,6 @@ class ChunkStore:
 
     @staticmethod
     def manifest_name(name: str) -> str:
-        from incstore.manifest import check_name  # manifest imports this module
-
         return f"{MANIFEST_DIR}/{check_name(name)}.json"
 
     # local paths, for tools and tests that look at the files themselves
@@ -172,6 +169,8 @@ class ChunkStore:
             text = self.backend.read(CACHE_INFO).decode()
         except FileNotFoundError as e:
             raise ChunkStoreError(f"not a chunk store (no {CACHE_INFO})", item=self.url) from e
+        except UnicodeDecodeError:
+            raise ChunkStoreError(f"{CACHE_INFO} is not UTF-8 text", item=self.url) from None
         lines = text.splitlines()
         found = next((ln.removeprefix("StoreDir: ") for ln in lines if ln.startswith("StoreDir: ")),
                      None)
@@ -191,6 +190,8 @@ class ChunkStore:
             text = self.backend.read(self.narinfo_name(key)).decode()
         except FileNotFoundError as e:
             raise ChunkMissingError("narinfo is missing from the chunk store", item=key) from e
+        except UnicodeDecodeError:
+            raise ChunkStoreError("narinfo is not UTF-8 text", item=key) from None
         return NarInfo.parse(text, key)
 
     def write_narinfo(self, key: str, info: NarInfo) -> None:
@@ -212,34 +213,45 @@ class ChunkStore:
                 f"chunk {key} is missing from the chunk store {self.url}", item=item or key
             ) from e
 
-    def inspect(self, key: str, *, item: str | None = None) -> ChunkDigest:
-        """Read a whole chunk: its size and xxh3, and the sha256 and size of the NAR inside."""
+    def inspect(self, key: str, *, item: str | None = None, nar_size: int | None = None
+                ) -> ChunkDigest:
+        """Read a whole chunk: its size and xxh3, and the sha256 and size of the NAR inside.
+
+        Memory stays bounded whatever the chunk decompresses to: the NAR is read through in
+        1 MiB pieces, and reading stops once it exceeds `nar_size` (when given).
+        """
         xxh = xxhash.xxh3_128()
         sha = hashlib.sha256()
-        size = nar_size = 0
+        size = nar_size_found = 0
         f = self.open_chunk(key, item=item)
+
+        class Counting:
+            def read(self, n: int = -1) -> bytes:
+                nonlocal size
+                block = f.read(n)
+                xxh.update(block)
+                size += len(block)
+                return block
+
         try:
-            dobj = zstandard.ZstdDecompressor().decompressobj()
+            reader = zstandard.ZstdDecompressor().stream_reader(
+                Counting(), read_across_frames=False)  # type: ignore[arg-type]
             try:
-                while block := f.read(1 << 20):
-                    xxh.update(block)
-                    size += len(block)
-                    if dobj.eof:
-                        raise ChunkCorruptError(f"chunk {key} has data after its frame",
-                                                item=item or key)
-                    out = dobj.decompress(block)
-                    sha.update(out)
-                    nar_size += len(out)
+                while block := reader.read(1 << 20):
+                    sha.update(block)
+                    nar_size_found += len(block)
+                    if nar_size is not None and nar_size_found > nar_size:
+                        raise ChunkCorruptError(
+                            f"chunk {key} decompresses to more than the {nar_size} bytes "
+                            "expected", item=item or key)
+                while Counting().read(1 << 20):  # the rest of the file, for its xxh3
+                    pass
             except zstandard.ZstdError as e:
                 raise ChunkCorruptError(f"chunk {key} does not decompress: {e}",
                                         item=item or key) from e
         finally:
             f.close()
-        if not dobj.eof:
-            raise ChunkCorruptError(f"chunk {key} is truncated", item=item or key)
-        if dobj.unused_data:
-            raise ChunkCorruptError(f"chunk {key} has data after its frame", item=item or key)
-        return ChunkDigest(size, xxh.hexdigest(), sha.hexdigest(), nar_size)
+        return ChunkDigest(size, xxh.hexdigest(), sha.hexdigest(), nar_size_found)
 
     def quick_digest(self, key: str, *, item: str | None = None) -> tuple[int, str]:
         """Size and XXH3-128 of a chunk file, read once without decompressing it."""
@@ -259,6 +271,17 @@ class ChunkStore:
         return {e.name.removesuffix(".nar.zst"): e for e in self.backend.listdir(NAR_DIR)
                 if e.name.endswith(".nar.zst") and KEY_RE.fullmatch(e.name[: -len(".nar.zst")])}
 
+    def quarantine(self, key: str) -> bool:
+        """Move a chunk found not to hold its item's NAR aside (`quarantine/`) and delete its
+        narinfo, so that the next save writes the item again; False if it was gone."""
+        aside = f"{QUARANTINE_DIR}/{check_key(key)}.{int(time.time())}.{os.urandom(3).hex()}.zst"
+        moved = self.backend.move(self.chunk_name(key), aside)
+        self.backend.delete(self.narinfo_name(key))
+        return moved
+
+    def quarantined(self) -> list[Entry]:
+        return self.backend.listdir(QUARANTINE_DIR)
+
     def renew_chunks(self, keys: Iterable[str]) -> None:
         """Renew the mtime of chunks a save reuses, where the backend can (gc's grace period
         counts from it; see schema/FORMAT.md, garbage collection)."""
@@ -275,8 +298,6 @@ class ChunkStore:
 
     def manifests(self) -> dict[str, Entry]:
         """Named manifests with their size and last save (mtime): one listing."""
-        from incstore.manifest import NAME_RE
-
         return {e.name.removesuffix(".json"): e for e in self.backend.listdir(MANIFEST_DIR)
                 if e.name.endswith(".json") and NAME_RE.fullmatch(e.name[: -len(".json")])}
 

@@ -20,12 +20,12 @@ import click
 from incstore import __version__, db, manifest
 from incstore.check import check
 from incstore.chunkstore import ChunkStore
-from incstore.errors import IncstoreError
-from incstore.gc import DEFAULT_GRACE, execute_gc, load_named, plan_gc
+from incstore.errors import IncstoreError, StoreError
+from incstore.gc import DEFAULT_GRACE, execute_gc, plan_gc, read_named
 from incstore.restore import execute_restore, plan_restore
-from incstore.save import DEFAULT_LEVEL, execute_save, plan_save
+from incstore.save import DEFAULT_LEVEL, execute_save, plan_save, previous_manifest
 from incstore.stats import diff, stats
-from incstore.store import Store
+from incstore.store import Store, parse_owner
 
 
 def default_cache() -> str:
@@ -40,7 +40,7 @@ def _progress(total: int, verb: str) -> Callable[[str, str], None] | None:
     def report(event: str, detail: str) -> None:
         nonlocal done
         if event == "failed":
-            click.echo(f"\rerror: {detail}", err=True)
+            click.echo(f"\rerror: {one_line(detail)}", err=True)
             return
         done += 1
         if tty:
@@ -113,17 +113,24 @@ name_option = click.option(
 @jobs_option
 @click.option("--level", type=click.IntRange(-7, 22), default=DEFAULT_LEVEL, show_default=True,
               help="zstd compression level.")
+@click.option("--carry-days", type=click.FloatRange(0), default=0, show_default=True,
+              help="Keep items of the previous manifest of the same name (or file) that the "
+              "store lacks, while their chunks are held, for this many days after they were "
+              "last seen in a saved store (a failed restore must not shrink the cache).")
 @click.option("--dry-run", is_flag=True, help="Print what would be written and stop.")
 @json_option
 def save(db_path: Path, prefix: Path, cache: str | None, manifest_path: Path | None,
          name: str | None, closure_of: tuple[str, ...], exclude_db: tuple[Path, ...], jobs: int,
-         level: int, dry_run: bool, as_json: bool) -> None:
+         level: int, carry_days: float, dry_run: bool, as_json: bool) -> None:
     """Save the store's valid paths into the chunk store and write a manifest."""
     if manifest_path is None and name is None:
         raise click.UsageError("give --manifest FILE, --name NAME, or both")
     if name is not None:
         manifest.check_name(name)
-    plan = plan_save(db_path, prefix, cache or default_cache(), closure_of, exclude_db)
+    cache = cache or default_cache()
+    previous = previous_manifest(cache, name, manifest_path)
+    plan = plan_save(db_path, prefix, cache, closure_of, exclude_db, previous=previous,
+                     carry_days=carry_days)
     if dry_run:
         doc = plan.to_json()
         _emit(as_json, doc, f"would write {len(doc['write'])} chunk(s), reuse "
@@ -150,21 +157,30 @@ def save(db_path: Path, prefix: Path, cache: str | None, manifest_path: Path | N
               help="The daemon DB to register into [default: PREFIX/var/guix/db/db.sqlite].")
 @click.option("--db-out", type=click.Path(path_type=Path), default=None,
               help="Write the registered DB here and leave the target DB untouched.")
-@click.option("--in-place", is_flag=True,
-              help="Register inside the live DB in one transaction (daemon may keep running).")
+@click.option("--db-mode", type=click.Choice(["auto", "swap", "in-place"]), default="auto",
+              show_default=True,
+              help="swap: register in a copy of the DB swapped in under the daemon's big-lock "
+              "(refused while a daemon session runs); in-place: register inside the live DB "
+              "in transactions (the daemon may keep running); auto: swap if no session runs, "
+              "else in-place.")
+@click.option("--in-place", is_flag=True, help="Same as --db-mode in-place.")
+@click.option("--owner", default=None, metavar="USER[:GROUP]",
+              help="Owner of restored files [default: the daemon's user: root, or the user an "
+              "unprivileged daemon runs as].")
 @jobs_option
 @click.option("--dry-run", is_flag=True, help="Print the plan and stop.")
 @json_option
 def restore(manifest_path: Path | None, name: str | None, cache: str | None, prefix: Path,
-            db_path: Path | None, db_out: Path | None, in_place: bool, jobs: int, dry_run: bool,
-            as_json: bool) -> None:
+            db_path: Path | None, db_out: Path | None, db_mode: str, in_place: bool,
+            owner: str | None, jobs: int, dry_run: bool, as_json: bool) -> None:
     """Extract the manifest's missing items, verify them and register them."""
-    if db_out and in_place:
-        raise click.UsageError("--db-out and --in-place exclude each other")
+    if db_out and (in_place or db_mode != "auto"):
+        raise click.UsageError("--db-out excludes --in-place and --db-mode")
     cache = cache or default_cache()
     loaded = _load_manifest(manifest_path, name, cache)
     plan = plan_restore(loaded, prefix, cache, db_path=db_path, db_out=db_out,
-                        in_place=in_place)
+                        db_mode="in-place" if in_place else db_mode,  # type: ignore[arg-type]
+                        owner=parse_owner(owner) if owner else None)
     if dry_run:
         doc = plan.to_json()
         human = "\n".join(
@@ -178,6 +194,8 @@ def restore(manifest_path: Path | None, name: str | None, cache: str | None, pre
     result = execute_restore(plan, jobs=jobs,
                              progress=_progress(len(plan.to_extract), "restored"))
     doc = result.to_json()
+    for warning in result.warnings:
+        click.echo(f"warning: {one_line(warning)}", err=True)
     _emit(as_json, doc, f"restored {doc['extracted']} item(s), {doc['present']} already present, "
                         f"registered {doc['registered']} in {doc['db']}")
     _finish(result.error())
@@ -205,6 +223,12 @@ def gc(cache: str | None, keep_days: float | None, max_bytes: int | None,
             + [f"sweep chunk {k}" for k in doc["sweep_chunks"]]
             + [f"would free {doc['bytes_before'] - doc['bytes_after']} bytes"]))
         return
+    for name, why in sorted(plan.invalid.items()):
+        click.echo(f"warning: manifest {one_line(name)} cannot be read, so it keeps nothing: "
+                   f"{one_line(why)}", err=True)
+    if plan.blocked_by:
+        click.echo(f"warning: nothing swept: manifest {plan.blocked_by[0]} was written by a "
+                   "newer incstore", err=True)
     result = execute_gc(plan)
     doc = result.to_json()
     _emit(as_json, doc, f"dropped {len(result.dropped)} manifest(s), swept {len(result.swept)} "
@@ -223,13 +247,17 @@ def check_cmd(cache: str | None, manifest_paths: tuple[Path, ...], full: bool, j
               as_json: bool) -> None:
     """Check that every chunk a manifest references is there and intact."""
     cache = cache or default_cache()
-    manifests = {**load_named(ChunkStore(cache)),
-                 **{str(p): manifest.load(p) for p in manifest_paths}}
-    report = check(cache, manifests, full=full, jobs=jobs)
+    named = read_named(ChunkStore(cache))
+    manifests = {**named.manifests, **{str(p): manifest.load(p) for p in manifest_paths}}
+    report = check(cache, manifests, full=full, jobs=jobs, unreadable=named.invalid)
     doc = report.to_json()
     _emit(as_json, doc, "\n".join(
         [*(f"missing: {e}" for e in doc["missing"]), *(f"corrupt: {e}" for e in doc["corrupt"]),
+         *(f"damaged: {e}" for e in doc["other"]),
+         *(f"unreadable manifest: {one_line(n)}: {one_line(w)}"
+           for n, w in sorted(doc["unreadable_manifests"].items())),
          *(f"orphan:  {k}" for k in doc["orphans"]),
+         *(f"quarantined: {k}" for k in doc["quarantined"]),
          f"checked {doc['checked']} chunk(s): {'ok' if doc['ok'] else 'DAMAGED'}, "
          f"{len(doc['orphans'])} orphan(s)"]))
     _finish(report.error())
@@ -242,7 +270,11 @@ def stats_cmd(cache: str | None, as_json: bool) -> None:
     """Items and bytes per manifest, unique versus shared, and their overlap."""
     chunks = ChunkStore(cache or default_cache())
     held = sum(e.size for e in chunks.chunk_files().values())
-    report = stats(load_named(chunks), held)
+    named = read_named(chunks)
+    for name, why in sorted(named.invalid.items()):
+        click.echo(f"warning: manifest {one_line(name)} cannot be read: {one_line(why)}",
+                   err=True)
+    report = stats(named.manifests, held)
     doc = report.to_json()
     names = sorted(doc["manifests"])
     lines = [f"{'manifest':24} {'items':>6} {'chunk bytes':>14} {'unique':>14} {'shared':>14}"]
@@ -320,6 +352,12 @@ def demo(flavour: str, workdir: Path | None, items: int, as_json: bool) -> None:
             sys.exit(1)
 
 
+def one_line(text: str) -> str:
+    """Text safe to print as one line: control characters (a newline in a path from a manifest,
+    say, which could forge a CI annotation) are shown escaped."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+
+
 def main() -> NoReturn:
     try:
         cli.main(standalone_mode=False)
@@ -327,9 +365,23 @@ def main() -> NoReturn:
         click.echo("aborted", err=True)
         sys.exit(130)
     except click.ClickException as e:
-        e.show()
+        click.echo(f"incstore: usage error: {one_line(e.format_message())}", err=True)
         sys.exit(e.exit_code)
     except IncstoreError as e:
-        click.echo(f"incstore: error: {e}", err=True)
+        click.echo(f"incstore: error: {one_line(str(e))}", err=True)
         sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except OSError as e:
+        # an I/O failure nothing more specific caught (out of descriptors, disk full...)
+        where = f" ({e.filename})" if e.filename else ""
+        click.echo(f"incstore: error: {one_line(f'{e.strerror or e}{where}')}", err=True)
+        sys.exit(StoreError.exit_code)
+    except Exception as e:  # a bug: one line, and the traceback only on request
+        if os.environ.get("INCSTORE_DEBUG"):
+            raise
+        click.echo(f"incstore: internal error: {one_line(f'{type(e).__name__}: {e}')} "
+                   "(a bug; INCSTORE_DEBUG=1 shows the traceback)", err=True)
+        sys.exit(1)
     sys.exit(0)

@@ -14,14 +14,15 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import urllib.parse
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from incstore import atomicfile, faults
-from incstore.errors import DatabaseError, ManifestError
-from incstore.locks import Primitive, hold
+from incstore import atomicfile, faults, regularfile
+from incstore.errors import DatabaseError, LockedError, ManifestError
+from incstore.locks import Primitive
 
 FlavourName = Literal["guix", "nix"]
 
@@ -51,7 +52,7 @@ NIX = Flavour(
 FLAVOURS: dict[str, Flavour] = {"guix": GUIX, "nix": NIX}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PathInfo:
     """One ValidPaths row with its references and DerivationOutputs rows."""
 
@@ -96,13 +97,40 @@ def schema_sql(flavour: Flavour) -> str:
     return resources.files("incstore.schema").joinpath(flavour.schema_sql).read_text()
 
 
-def _schema_file_version(db_path: Path) -> int | None:
+SQLITE_BUSY, SQLITE_LOCKED = 5, 6
+
+
+def busy_timeout_ms() -> int:
+    """How long to wait for a DB another process holds locked (INCSTORE_DB_TIMEOUT seconds,
+    default 30): the daemon's own transactions are short."""
     try:
-        text = (db_path.parent / "schema").read_text()
+        return max(0, int(float(os.environ.get("INCSTORE_DB_TIMEOUT", "30")) * 1000))
+    except ValueError:
+        return 30000
+
+
+def _error(e: sqlite3.Error, db_path: Path, doing: str) -> DatabaseError | LockedError:
+    """An SQLite error as one of ours: a busy or locked DB is `LockedError` (exit 5), not a
+    broken one."""
+    code = getattr(e, "sqlite_errorcode", None)  # Python 3.11 and later
+    if code in (SQLITE_BUSY, SQLITE_LOCKED) or "locked" in str(e):
+        return LockedError(f"the DB is locked by another process ({e}); {doing} gave up after "
+                           f"{busy_timeout_ms() // 1000} s", item=str(db_path))
+    return DatabaseError(f"{doing}: {e}", item=str(db_path))
+
+
+def _schema_file_version(db_path: Path) -> int | None:
+    path = db_path.parent / "schema"
+    try:
+        raw = regularfile.read(path, 64)
     except FileNotFoundError:
         return None
-    if not text.isdigit():
-        raise DatabaseError(f"schema file is corrupt: {text!r}", item=str(db_path))
+    except OSError as e:
+        raise DatabaseError(f"cannot read the schema file: {e.strerror or e}",
+                            item=str(path)) from None
+    text = raw.decode("ascii", errors="replace")
+    if not text.isdigit() or not text.isascii():
+        raise DatabaseError(f"schema file is corrupt: {text!r}", item=str(path))
     return int(text)
 
 
@@ -115,6 +143,9 @@ def detect_flavour(conn: sqlite3.Connection, db_path: Path) -> Flavour:
                                 item=str(db_path))
         columns = {r[1] for r in conn.execute("pragma table_info(ValidPaths)")}
     except sqlite3.DatabaseError as e:
+        error = _error(e, db_path, "reading its tables")
+        if isinstance(error, LockedError):
+            raise error from e
         raise DatabaseError(f"not an SQLite database ({e})", item=str(db_path)) from e
     flavour = NIX if set(NIX.extra_columns) <= columns else GUIX
     version = _schema_file_version(db_path)
@@ -129,12 +160,14 @@ def detect_flavour(conn: sqlite3.Connection, db_path: Path) -> Flavour:
 
 def _connect_ro(db_path: Path) -> sqlite3.Connection:
     if not db_path.is_file():
-        raise DatabaseError("no such daemon DB", item=str(db_path))
+        raise DatabaseError("no such daemon DB" if not db_path.exists() else
+                            "is not a regular file", item=str(db_path))
     try:
-        conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, isolation_level=None)
-        conn.execute("pragma busy_timeout = 30000")
+        uri = "file:" + urllib.parse.quote(str(db_path)) + "?mode=ro"
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None)
+        conn.execute(f"pragma busy_timeout = {busy_timeout_ms()}")
     except sqlite3.Error as e:
-        raise DatabaseError(f"cannot open: {e}", item=str(db_path)) from e
+        raise _error(e, db_path, "opening it") from e
     return conn
 
 
@@ -155,7 +188,7 @@ def read_snapshot(db_path: Path) -> Snapshot:
         finally:
             conn.execute("commit")
     except sqlite3.Error as e:
-        raise DatabaseError(f"cannot read: {e}", item=str(db_path)) from e
+        raise _error(e, db_path, "reading it") from e
     finally:
         conn.close()
     by_id = {row[0]: row[1] for row in rows}
@@ -194,7 +227,25 @@ def valid_paths(db_path: Path, flavour: Flavour) -> dict[str, str]:
             )
         return dict(conn.execute("select path, hash from ValidPaths").fetchall())
     except sqlite3.Error as e:
-        raise DatabaseError(f"cannot read: {e}", item=str(db_path)) from e
+        raise _error(e, db_path, "reading it") from e
+    finally:
+        conn.close()
+
+
+def iter_valid_paths(db_path: Path, flavour: Flavour) -> Iterator[str]:
+    """Every valid path of an existing DB of `flavour`, streamed (no list of them is built)."""
+    conn = _connect_ro(db_path)
+    try:
+        found = detect_flavour(conn, db_path)
+        if found != flavour:
+            raise DatabaseError(
+                f"is a {found.name} DB but the manifest is for a {flavour.name} store",
+                item=str(db_path),
+            )
+        for (path,) in conn.execute("select path from ValidPaths"):
+            yield path
+    except sqlite3.Error as e:
+        raise _error(e, db_path, "reading it") from e
     finally:
         conn.close()
 
@@ -202,12 +253,15 @@ def valid_paths(db_path: Path, flavour: Flavour) -> dict[str, str]:
 def is_valid(db_path: Path, path: str) -> bool:
     conn = _connect_ro(db_path)
     try:
-        row = conn.execute("select 1 from ValidPaths where path = ?", (path,)).fetchone()
-        return row is not None
+        return is_valid_on(conn, path)
     except sqlite3.Error as e:
-        raise DatabaseError(f"cannot read: {e}", item=str(db_path)) from e
+        raise _error(e, db_path, "reading it") from e
     finally:
         conn.close()
+
+
+def is_valid_on(conn: sqlite3.Connection, path: str) -> bool:
+    return conn.execute("select 1 from ValidPaths where path = ?", (path,)).fetchone() is not None
 
 
 def register(conn: sqlite3.Connection, flavour: Flavour, infos: Sequence[PathInfo]) -> None:
@@ -258,9 +312,35 @@ def register(conn: sqlite3.Connection, flavour: Flavour, infos: Sequence[PathInf
 
 def _open_rw(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute("pragma busy_timeout = 30000")
+    conn.execute(f"pragma busy_timeout = {busy_timeout_ms()}")
     conn.execute("pragma foreign_keys = 1")
     return conn
+
+
+def open_live(db_path: Path) -> sqlite3.Connection:
+    """A read-write connection to a live daemon DB, for `register_batch`."""
+    try:
+        return _open_rw(db_path)
+    except sqlite3.Error as e:
+        raise _error(e, db_path, "opening it") from e
+
+
+def register_batch(conn: sqlite3.Connection, db_path: Path, flavour: Flavour,
+                   infos: Sequence[PathInfo]) -> None:
+    """Register `infos` in one BEGIN IMMEDIATE transaction, as Guix's own tools do on a live
+    DB; nothing of the batch is registered if any of it fails."""
+    if not infos:
+        return
+    try:
+        conn.execute("begin immediate")
+        try:
+            register(conn, flavour, infos)
+        except BaseException:
+            conn.execute("rollback")
+            raise
+        conn.execute("commit")
+    except sqlite3.Error as e:
+        raise _error(e, db_path, "registering") from e
 
 
 def create(db_path: Path, flavour: Flavour, infos: Sequence[PathInfo] = ()) -> None:
@@ -300,17 +380,9 @@ def _fsync_file(path: Path) -> None:
 
 def register_in_place(db_path: Path, flavour: Flavour, infos: Sequence[PathInfo]) -> None:
     """Register into a live DB in one BEGIN IMMEDIATE transaction, as Guix's own tools do."""
-    conn = _open_rw(db_path)
+    conn = open_live(db_path)
     try:
-        conn.execute("begin immediate")
-        try:
-            register(conn, flavour, infos)
-        except BaseException:
-            conn.execute("rollback")
-            raise
-        conn.execute("commit")
-    except sqlite3.Error as e:
-        raise DatabaseError(f"cannot register: {e}", item=str(db_path)) from e
+        register_batch(conn, db_path, flavour, infos)
     finally:
         conn.close()
 
@@ -336,7 +408,7 @@ def _copy_with(
         register(conn, flavour, infos)
         conn.execute("commit")
     except sqlite3.Error as e:
-        raise DatabaseError(f"cannot write the DB copy: {e}", item=str(dest)) from e
+        raise _error(e, dest, "writing the DB copy") from e
     finally:
         conn.close()
     if source is not None:
@@ -361,47 +433,37 @@ def write_copy(
             tmp.unlink()
 
 
-@contextlib.contextmanager
-def big_lock(db_path: Path, flavour: Flavour, *, exclusive: bool) -> Iterator[None]:
-    with hold(
-        db_path.parent / "big-lock",
-        flavour.lock_primitive,
-        exclusive=exclusive,
-        blocking=False,
-        what="the daemon's big-lock (is the daemon running? stop it, or use --in-place)",
-    ):
-        yield
-
-
 def swap_in(db_path: Path, flavour: Flavour, infos: Sequence[PathInfo]) -> None:
-    """Register `infos` in a copy of `db_path` and rename the copy over it, under big-lock.
+    """Register `infos` in a copy of `db_path` and rename the copy over it.
 
-    Holding big-lock exclusively means no daemon session has the DB open, so nothing written
-    between the copy and the rename can be lost. The old DB is checkpointed first so that no
-    `-wal` content can ever be replayed into the new file.
+    The caller holds the daemon's `big-lock` exclusively, so no daemon session has the DB
+    open and nothing written between the copy and the rename can be lost. (The lock is not
+    taken here: a second descriptor on `big-lock`, once closed, would drop the caller's fcntl
+    lock.) The old DB is checkpointed first so that no `-wal` content can ever be replayed
+    into the new file.
     """
     db_path.parent.mkdir(parents=True, exist_ok=True)
-    with big_lock(db_path, flavour, exclusive=True):
-        exists = db_path.exists()
-        if exists:
+    exists = db_path.exists()
+    if exists:
+        try:
             conn = _open_rw(db_path)
             try:
                 conn.execute("pragma wal_checkpoint(truncate)")
-            except sqlite3.Error as e:
-                raise DatabaseError(f"cannot checkpoint: {e}", item=str(db_path)) from e
             finally:
                 conn.close()
-        tmp = atomicfile.temp_path_for(db_path)
-        try:
-            _copy_with(db_path if exists else None, tmp, flavour, infos)
-            faults.point("db.copy-written")
-            for suffix in ("-wal", "-shm"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(f"{db_path}{suffix}")
-            os.rename(tmp, db_path)
-            atomicfile.fsync_dir(db_path.parent)
-            faults.point("db.swapped")
-        finally:
+        except sqlite3.Error as e:
+            raise _error(e, db_path, "checkpointing it") from e
+    tmp = atomicfile.temp_path_for(db_path)
+    try:
+        _copy_with(db_path if exists else None, tmp, flavour, infos)
+        faults.point("db.copy-written")
+        for suffix in ("-wal", "-shm"):
             with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+                os.unlink(f"{db_path}{suffix}")
+        os.rename(tmp, db_path)
+        atomicfile.fsync_dir(db_path.parent)
+        faults.point("db.swapped")
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
     write_schema_file(db_path, flavour)

@@ -1,12 +1,21 @@
 """Gc: the verb that keeps a shared chunk store small without breaking any kept manifest.
 
 Manifests recorded by name in the chunk store are the roots (as in niks3). `plan_gc` decides
-which manifests go (older than `keep_days`, counted from their last save; then the oldest while
-the store is over `max_bytes`) and which chunks no kept manifest references. A chunk younger
-than the grace period is never swept: a save writes its chunks before its manifest and renews
-the mtime of the chunks it reuses, so a save running at the same time keeps what it needs.
-`execute_gc` deletes, re-checking each chunk's age just before, and records a digest of the
-store's contents so a workflow can upload the cache only when it changed.
+which manifests go (not saved for `keep_days`, counted from their mtime, the last save: a save
+rewrites its manifest even when nothing changed, and writes it anew at least daily, so that a
+cache that travels as an archive carries the time too; then the oldest while the chunks that
+could be freed take more than `max_bytes`)
+and which chunks no kept manifest references. A chunk younger than the grace period is never
+swept, and never counts against the budget either: a save writes its chunks before its manifest
+and renews the mtime of the chunks it reuses, so a save running at the same time keeps what it
+needs. The newest manifest, and any saved within the grace period, are never dropped for the
+budget. `execute_gc` deletes, re-checking each chunk's age just before, empties the quarantine
+of old entries, and records a digest of the store's contents so that a workflow can upload the
+cache only when it changed.
+
+Named manifests are input like any other: one that cannot be read is reported and is not a
+root. One written by a newer incstore (a version this one does not know) stops the sweep,
+since the chunks it needs cannot be known.
 """
 
 from __future__ import annotations
@@ -20,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from incstore.chunkstore import ChunkStore
-from incstore.errors import ManifestError
-from incstore.manifest import Manifest, from_bytes
+from incstore.errors import IncstoreError
+from incstore.manifest import VERSION, Manifest, from_bytes, legacy_chunk_keys
 
 DIGEST_FILE = "incstore-digest"
 DEFAULT_GRACE = 3600
@@ -29,9 +38,69 @@ RECHECK_SECONDS = 1.0  # how often a long sweep looks again for saves started me
 
 
 @dataclass
+class Named:
+    """The named manifests of a chunk store, read as well as they can be."""
+
+    manifests: dict[str, Manifest] = field(default_factory=dict)
+    legacy: dict[str, set[str]] = field(default_factory=dict)  # version 1: chunk keys only
+    invalid: dict[str, str] = field(default_factory=dict)  # name -> why it cannot be read
+    newer: list[str] = field(default_factory=list)  # written by a newer incstore
+
+    def keys(self, names: Iterable[str]) -> set[str]:
+        out: set[str] = set()
+        for name in names:
+            if name in self.manifests:
+                m = self.manifests[name]
+                out.update(m.chunk_key(n) for n in range(len(m)))
+            out |= self.legacy.get(name, set())
+        return out
+
+    @property
+    def readable(self) -> list[str]:
+        return sorted([*self.manifests, *self.legacy])
+
+
+def read_named(chunks: ChunkStore, names: Iterable[str] | None = None) -> Named:
+    """Every named manifest (or those of `names`) that can be read; the others are listed."""
+    out = Named()
+    for name in chunks.manifest_names() if names is None else names:
+        try:
+            data = chunks.read_manifest(name)
+        except IncstoreError as e:
+            out.invalid[name] = str(e)
+            continue
+        try:
+            out.manifests[name] = from_bytes(data, name)
+            continue
+        except IncstoreError as e:
+            reason = str(e)
+        keys = legacy_chunk_keys(data)
+        if keys is not None:
+            out.legacy[name] = keys
+        elif _newer_version(data):
+            out.newer.append(name)
+        else:
+            out.invalid[name] = reason
+    return out
+
+
+def _newer_version(data: bytes) -> bool:
+    head = data[:4096].decode("utf-8", errors="replace")
+    import re
+
+    m = re.search(r'"version"\s*:\s*([0-9]{1,6})[,}\s]', head)
+    return '"incstore-manifest"' in head and m is not None and int(m.group(1)) > VERSION
+
+
+def load_named(chunks: ChunkStore, names: Iterable[str] | None = None) -> dict[str, Manifest]:
+    """The named manifests that can be read (for check, stats and the catalogue)."""
+    return read_named(chunks, names).manifests
+
+
+@dataclass
 class GcPlan:
     cache: str
-    expired: list[str]  # manifests older than keep_days
+    expired: list[str]  # manifests not saved for keep_days
     over_budget: list[str]  # oldest manifests dropped to get under max_bytes
     sweep: list[str]  # chunk keys no kept manifest references, past the grace period
     in_grace: list[str]  # unreferenced but young: kept this time
@@ -39,6 +108,8 @@ class GcPlan:
     bytes_after: int
     grace_seconds: float
     now: float = field(default_factory=time.time)
+    invalid: dict[str, str] = field(default_factory=dict)
+    blocked_by: list[str] = field(default_factory=list)  # newer manifests: nothing swept
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -49,18 +120,9 @@ class GcPlan:
             "kept_in_grace": self.in_grace,
             "bytes_before": self.bytes_before,
             "bytes_after": self.bytes_after,
+            "unreadable_manifests": self.invalid,
+            "sweep_blocked_by": self.blocked_by,
         }
-
-
-def load_named(chunks: ChunkStore, names: Iterable[str] | None = None) -> dict[str, Manifest]:
-    """The manifests recorded in the chunk store (all, or `names`), parsed; an unreadable one
-    stops the caller, since nothing can be swept without knowing what it needs."""
-    wanted = chunks.manifest_names() if names is None else names
-    return {name: from_bytes(chunks.read_manifest(name), name) for name in wanted}
-
-
-def _keys(manifests: Iterable[Manifest]) -> set[str]:
-    return {item.chunk.key for m in manifests for item in m.items}
 
 
 def plan_gc(cache: str | Path, *, keep_days: float | None = None, max_bytes: int | None = None,
@@ -68,30 +130,40 @@ def plan_gc(cache: str | Path, *, keep_days: float | None = None, max_bytes: int
     now = time.time() if now is None else now
     chunks = ChunkStore(cache)
     listed = chunks.manifests()
-    manifests = load_named(chunks, listed)
-    saved_at = {n: listed[n].mtime for n in manifests}
-    expired = sorted(n for n in manifests
-                     if keep_days is not None and now - saved_at[n] > keep_days * 86400)
-    kept = [n for n in sorted(manifests, key=lambda n: saved_at[n]) if n not in expired]
+    named = read_named(chunks, listed)
+    last = {n: listed[n].mtime for n in named.readable + named.newer}
+    expired = sorted(n for n in named.readable
+                     if keep_days is not None and now - last[n] > keep_days * 86400)
+    kept = [n for n in sorted(named.readable, key=lambda n: last[n]) if n not in expired]
     announced = set().union(*(keys for _, keys in chunks.pending().values()))
     files = chunks.chunk_files()
     before = sum(e.size for e in files.values())
 
     def sweepable(roots: list[str]) -> tuple[list[str], list[str]]:
-        needed = _keys(manifests[n] for n in roots) | announced
+        if named.newer:
+            return [], []
+        needed = named.keys(roots) | announced
         loose = sorted(k for k in files if k not in needed)
         return ([k for k in loose if now - files[k].mtime > grace_seconds],
                 [k for k in loose if now - files[k].mtime <= grace_seconds])
 
+    def counted(sweep: list[str], in_grace: list[str]) -> int:
+        """Bytes that count against the budget: what stays, minus what is young and loose
+        (a concurrent save's chunks, which no drop of a manifest could free)."""
+        return before - sum(files[k].size for k in sweep) - sum(files[k].size for k in in_grace)
+
     over_budget: list[str] = []
     sweep, in_grace = sweepable(kept)
-    after = before - sum(files[k].size for k in sweep)
-    while max_bytes is not None and after > max_bytes and kept:
-        over_budget.append(kept.pop(0))
+    # the newest manifest, and any saved within the grace period, are never dropped for size
+    droppable = [n for n in kept[:-1] if now - last[n] > grace_seconds]
+    while max_bytes is not None and counted(sweep, in_grace) > max_bytes and droppable:
+        name = droppable.pop(0)
+        kept.remove(name)
+        over_budget.append(name)
         sweep, in_grace = sweepable(kept)
-        after = before - sum(files[k].size for k in sweep)
+    after = before - sum(files[k].size for k in sweep)
     return GcPlan(str(cache), expired, over_budget, sweep, in_grace, before, after,
-                  grace_seconds, now)
+                  grace_seconds, now, named.invalid, named.newer)
 
 
 def digest(chunks: ChunkStore) -> str:
@@ -101,7 +173,9 @@ def digest(chunks: ChunkStore) -> str:
         h.update(f"chunk {key} {entry.size}\n".encode())
     for name in chunks.manifest_names():
         h.update(f"manifest {name} ".encode())
-        h.update(hashlib.sha256(chunks.read_manifest(name)).hexdigest().encode() + b"\n")
+        with contextlib.suppress(IncstoreError):
+            h.update(hashlib.sha256(chunks.read_manifest(name)).hexdigest().encode())
+        h.update(b"\n")
     return h.hexdigest()
 
 
@@ -112,10 +186,12 @@ class GcResult:
     dropped: list[str]
     digest: str
     changed: bool
+    quarantine_emptied: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {**self.plan.to_json(), "swept": len(self.swept), "dropped": self.dropped,
-                "digest": self.digest, "changed": self.changed}
+                "digest": self.digest, "changed": self.changed,
+                "quarantine_emptied": self.quarantine_emptied}
 
 
 def _protected(chunks: ChunkStore, plan: GcPlan, dropped: set[str]) -> set[str]:
@@ -128,11 +204,9 @@ def _protected(chunks: ChunkStore, plan: GcPlan, dropped: set[str]) -> set[str]:
             chunks.drop_pending(name)
         else:
             keys |= announced
-    for name, entry in chunks.manifests().items():
-        if name not in dropped and entry.mtime >= plan.now - 1:
-            with contextlib.suppress(ManifestError):
-                keys |= {i.chunk.key for i in from_bytes(chunks.read_manifest(name), name).items}
-    return keys
+    recent = [name for name, entry in chunks.manifests().items()
+              if name not in dropped and entry.mtime >= plan.now - 1]
+    return keys | read_named(chunks, recent).keys(recent)
 
 
 def execute_gc(plan: GcPlan) -> GcResult:
@@ -155,11 +229,16 @@ def execute_gc(plan: GcPlan) -> GcResult:
     # narinfos whose chunk is gone (a gc that died between the two deletions)
     for key in chunks.narinfo_keys() - set(chunks.chunk_files()):
         chunks.backend.delete(chunks.narinfo_name(key))
+    emptied = 0
+    for entry in chunks.quarantined():
+        if time.time() - entry.mtime > plan.grace_seconds:
+            chunks.backend.delete(f"quarantine/{entry.name}")
+            emptied += 1
     new = digest(chunks)
     try:
-        old = chunks.backend.read(DIGEST_FILE).decode().strip()
-    except FileNotFoundError:
+        old = chunks.backend.read(DIGEST_FILE).decode(errors="replace").strip()
+    except (FileNotFoundError, IncstoreError):
         old = ""
     if old != new:
         chunks.backend.write(DIGEST_FILE, (new + "\n").encode())
-    return GcResult(plan, swept, dropped, new, old != new)
+    return GcResult(plan, swept, dropped, new, old != new, emptied)

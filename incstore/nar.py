@@ -182,12 +182,19 @@ def dump_bytes(path: str | os.PathLike[str]) -> bytes:
     return b"".join(parts)
 
 
-class _Reader:
-    """Buffered, hashing reader over a `read(n)` source; never allocates a declared length."""
+class NarTooLong(NarFormatError):
+    """The NAR goes on past the length it was said to have (a decompression bomb, or a chunk
+    that is not the item's): reading stopped there."""
 
-    def __init__(self, read: Source, item: str | None) -> None:
+
+class _Reader:
+    """Buffered, hashing reader over a `read(n)` source; never allocates a declared length,
+    and never reads more than `limit` bytes of NAR (plus one block)."""
+
+    def __init__(self, read: Source, item: str | None, limit: int) -> None:
         self._read = read
         self.item = item
+        self.limit = limit
         self.buf = b""
         self.pos = 0
         self.sha = hashlib.sha256()
@@ -196,6 +203,13 @@ class _Reader:
     def fail(self, message: str) -> NarFormatError:
         return NarFormatError(message, item=self.item)
 
+    def too_long(self) -> NarTooLong:
+        return NarTooLong(f"NAR is longer than the {self.limit} bytes expected", item=self.item)
+
+    def room(self) -> int:
+        """How many more NAR bytes may follow what has been consumed so far."""
+        return self.limit - (self.total - (len(self.buf) - self.pos))
+
     def _fill(self, need: int) -> None:
         while len(self.buf) - self.pos < need:
             block = self._read(BLOCK)
@@ -203,6 +217,8 @@ class _Reader:
                 raise self.fail("NAR is truncated")
             self.sha.update(block)
             self.total += len(block)
+            if self.total > self.limit + BLOCK:
+                raise self.too_long()
             self.buf = self.buf[self.pos :] + block
             self.pos = 0
 
@@ -274,6 +290,8 @@ class _Reader:
     def check_end(self) -> None:
         if self.pos != len(self.buf) or self._read(1):
             raise self.fail("NAR has trailing data after its end")
+        if self.total > self.limit:
+            raise self.too_long()
 
 
 def _check_name(reader: _Reader, name: bytes) -> None:
@@ -337,6 +355,8 @@ class _Restorer:
     def file(self, parent: int, name: bytes, executable: bool) -> None:
         r = self.r
         size = r.u64()
+        if size > r.room():
+            raise r.too_long()
         mode = 0o555 if executable else 0o444
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = os.open(name, flags, mode, dir_fd=parent)
@@ -388,14 +408,17 @@ def restore(
     *,
     owner: tuple[int, int] | None = None,
     item: str | None = None,
+    limit: int = 1 << 62,
 ) -> NarDigest:
     """Rebuild the NAR read from `read` as `name` inside the directory `dir_fd`.
 
     The tree gets canonical store metadata (files 0444 or 0555, directories 0555, mtime 1 on
-    everything, `owner` if given). `name` must not exist. On an error the partial tree is left
-    for the caller to remove; the caller decides where the tree may appear.
+    everything, `owner` if given). `name` must not exist. Reading stops with `NarTooLong` as
+    soon as the NAR is known to exceed `limit` bytes, before the excess is written. On an error
+    the partial tree is left for the caller to remove; the caller decides where the tree may
+    appear.
     """
-    reader = _Reader(read, item)
+    reader = _Reader(read, item, limit)
     reader.expect(MAGIC)
     _Restorer(reader, owner).node(dir_fd, os.fsencode(name), 0)
     reader.check_end()

@@ -2,19 +2,31 @@
 
 `plan_restore` compares the manifest with the target DB and the files on disk and decides, per
 item, whether it is present (valid and on disk: left alone) or must be extracted. It touches
-nothing, and `--dry-run` prints it. `execute_restore` extracts each missing item into a temporary
-name inside the store directory, verifies it (chunk xxh3 and size, NAR sha256 and size), renames
-it into place, and only then registers what succeeded, minus anything whose references failed,
-in one DB transaction. Nothing unverified ever appears under a final store path.
+nothing, and `--dry-run` prints it.
+
+`execute_restore` then works in phases, so that a failure never leaves a half-done item under a
+final store name:
+1. preflight, before the store is touched: the chunk store names the right store directory,
+   the store directory is a writable directory, the DB lock the chosen mode needs is free,
+   and there is room on the disk;
+2. extraction: each missing item is extracted under a temporary name and verified (chunk size
+   and XXH3-128, zstd checksum, NAR sha256 and size, with reading stopped the moment the NAR
+   outgrows its recorded size); a chunk that does not hold its item's NAR is quarantined so
+   that the next save writes it again;
+3. the closure filter: an item is registrable only if everything it references is present,
+   registrable or provided as `external` (linear in items plus references);
+4. placement and registration, in dependency order and in batches bounded by the descriptors
+   available: under the item's `.lock`, debris at its name is moved aside, the tree is renamed
+   into place, and the batch is registered; anything that fails here is moved out again;
+5. the temporary trees of items that were not registered are removed.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from enum import StrEnum
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,23 +38,33 @@ from incstore.backend import Reader
 from incstore.chunkstore import ChunkStore
 from incstore.errors import (
     ChunkCorruptError,
+    DatabaseError,
     IncstoreError,
+    LockedError,
     NarFormatError,
     StoreError,
     combine,
 )
-from incstore.locks import PathLock, ensure_open_files, hold
-from incstore.manifest import ChunkRef, Item, Manifest
-from incstore.store import Store, remove_tree
+from incstore.locks import HeldLock, ensure_open_files, take
+from incstore.manifest import ChunkRef, Manifest
+from incstore.pool import bounded_map
+from incstore.store import Store
+from incstore.storedir import ItemLock, StoreDir, is_plain
 
 Progress = Callable[[str, str], None]
-DbMode = Literal["swap", "out", "in-place"]
+DbMode = Literal["auto", "swap", "out", "in-place"]
+FD_RESERVE = 128  # descriptors kept free for workers, the DB and the chunk store
+MAX_BATCH = 1024
+SPACE_MARGIN = 64 << 20
 
 
-class Action(StrEnum):
+class Action(str, Enum):
     PRESENT = "present"  # valid in the DB and on disk: untouched
     EXTRACT = "extract"  # not on disk: extract and register
     REPLACE = "replace"  # on disk but not valid (debris of an interrupted build): replace
+
+
+_ACTIONS = list(Action)
 
 
 @dataclass(frozen=True)
@@ -53,19 +75,25 @@ class RestorePlan:
     db_path: Path  # the DB read to decide what is valid
     db_mode: DbMode
     db_out: Path | None
-    actions: dict[str, Action]
+    actions: bytearray  # per item index: position of its Action in _ACTIONS
     # external references (see Manifest.external) that the target store does not have
     missing_external: tuple[str, ...] = ()
+    owner: tuple[int, int] | None = None  # None: decided at execution (Store.daemon_owner)
+
+    def indices(self, *actions: Action) -> list[int]:
+        wanted = {_ACTIONS.index(a) for a in actions}
+        return [n for n, a in enumerate(self.actions) if a in wanted]
 
     def paths(self, *actions: Action) -> list[str]:
-        return [p for p, a in self.actions.items() if a in actions]
+        paths = self.manifest.paths
+        return [paths[n] for n in self.indices(*actions)]
 
     @property
-    def to_extract(self) -> list[Item]:
-        wanted = set(self.paths(Action.EXTRACT, Action.REPLACE))
-        return [i for i in self.manifest.items if i.path in wanted]
+    def to_extract(self) -> list[int]:
+        return self.indices(Action.EXTRACT, Action.REPLACE)
 
     def to_json(self) -> dict[str, Any]:
+        extract = self.to_extract
         return {
             "flavour": self.manifest.flavour.name,
             "store": str(self.store.store_root),
@@ -75,7 +103,7 @@ class RestorePlan:
             "present": self.paths(Action.PRESENT),
             "extract": self.paths(Action.EXTRACT),
             "replace": self.paths(Action.REPLACE),
-            "nar_bytes_to_extract": sum(i.info.nar_size for i in self.to_extract),
+            "nar_bytes_to_extract": sum(self.manifest.nar_size(n) for n in extract),
             "missing_external": list(self.missing_external),
         }
 
@@ -87,96 +115,151 @@ def plan_restore(
     *,
     db_path: Path | None = None,
     db_out: Path | None = None,
+    db_mode: DbMode | None = None,
     in_place: bool = False,
+    owner: tuple[int, int] | None = None,
 ) -> RestorePlan:
     store = Store(prefix, manifest.flavour)
     target = db_path or store.default_db
-    valid = db.valid_paths(target, manifest.flavour) if target.exists() else {}
-    actions: dict[str, Action] = {}
-    for item in manifest.items:
-        on_disk = store.exists(item.path)
-        if item.path in valid and on_disk:
-            actions[item.path] = Action.PRESENT
-        elif on_disk:
-            actions[item.path] = Action.REPLACE
-        else:
-            actions[item.path] = Action.EXTRACT
-    missing = tuple(p for p in manifest.external if p not in valid or not store.exists(p))
-    mode: DbMode = "out" if db_out else "in-place" if in_place else "swap"
-    return RestorePlan(manifest, store, cache, target, mode, db_out, actions, missing)
+    count = len(manifest)
+    valid = bytearray(count)
+    valid_external: set[str] = set()
+    external = set(manifest.external)
+    if target.exists():
+        for path in db.iter_valid_paths(target, manifest.flavour):
+            n = manifest.index(path)
+            if n is not None:
+                valid[n] = 1
+            elif path in external:
+                valid_external.add(path)
+    on_disk = _on_disk(store, manifest)
+    actions = bytearray(count)
+    for n in range(count):
+        action = (Action.PRESENT if valid[n] and on_disk[n] else
+                  Action.REPLACE if on_disk[n] else Action.EXTRACT)
+        actions[n] = _ACTIONS.index(action)
+    missing = tuple(p for p in manifest.external
+                    if p not in valid_external or not store.exists(p))
+    mode: DbMode = ("out" if db_out else "in-place" if in_place else db_mode or "auto")
+    return RestorePlan(manifest, store, cache, target, mode, db_out, actions, missing, owner)
 
 
-class _HashingReader:
-    """Reads the compressed chunk, hashing and counting every byte taken from the file."""
+def _on_disk(store: Store, manifest: Manifest) -> bytearray:
+    """One lstat per item, relative to the store directory's descriptor."""
+    found = bytearray(len(manifest))
+    if not store.store_root.is_dir():
+        return found
+    cut = len(manifest.store_dir) + 1
+    with StoreDir(store.store_root) as sd:
+        for n, path in enumerate(manifest.paths):
+            found[n] = sd.lstat(path[cut:]) is not None
+    return found
 
-    def __init__(self, f: Reader) -> None:
+
+class _ChunkReader:
+    """Reads the compressed chunk, hashing and counting every byte; refuses to read past the
+    chunk's recorded size (a damaged chunk with a long tail is not downloaded to its end) and
+    checks the zstd frame header before any decompression."""
+
+    def __init__(self, f: Reader, chunk: ChunkRef, nar_size: int, item: str) -> None:
         self.f = f
+        self.chunk = chunk
+        self.nar_size = nar_size
+        self.item = item
         self.xxh = xxhash.xxh3_128()
         self.size = 0
+        self.head = b""
+        # the chunk cannot hold this item's NAR whatever the manifest says of it (as opposed
+        # to a size or xxh3 that differ from the manifest's record of the chunk)
+        self.proven_bad = False
+
+    def corrupt(self, why: str, *, proven: bool = False) -> ChunkCorruptError:
+        self.proven_bad = self.proven_bad or proven
+        return ChunkCorruptError(f"chunk {self.chunk.key} {why}", item=self.item)
 
     def read(self, n: int = -1) -> bytes:
-        data = self.f.read(n)
+        room = self.chunk.size + 1 - self.size
+        if room <= 0:
+            raise self.corrupt(f"is longer than its recorded {self.chunk.size} bytes")
+        data = self.f.read(room if n < 0 else min(n, room))
         self.xxh.update(data)
         self.size += len(data)
+        if self.size > self.chunk.size:
+            raise self.corrupt(f"is longer than its recorded {self.chunk.size} bytes")
+        if len(self.head) < 18:
+            self.head += data[: 18 - len(self.head)]
+            if len(self.head) >= 18 or not data:
+                self._check_header()
         return data
 
-    def check(self, chunk: ChunkRef, item: str) -> None:
+    def _check_header(self) -> None:
+        try:
+            params = zstandard.get_frame_parameters(self.head)
+        except zstandard.ZstdError as e:
+            raise self.corrupt(f"is not a zstd frame ({e})", proven=True) from None
+        if not params.has_checksum:
+            raise self.corrupt("has no zstd content checksum", proven=True)
+        if params.content_size not in (zstandard.CONTENTSIZE_UNKNOWN,
+                                       zstandard.CONTENTSIZE_ERROR) and \
+                params.content_size != self.nar_size:
+            raise self.corrupt(f"declares {params.content_size} bytes of content, not the "
+                               f"item's {self.nar_size}", proven=True)
+
+    def finish(self) -> None:
         """Read the rest of the chunk; it must be the one the manifest names."""
         while self.read(1 << 20):
             pass
-        if self.size != chunk.size or self.xxh.hexdigest() != chunk.xxh3_128:
-            raise ChunkCorruptError(
-                f"chunk {chunk.key} ({self.size} bytes) fails its size or xxh3 check", item=item
-            )
+        if self.size != self.chunk.size or self.xxh.hexdigest() != self.chunk.xxh3_128:
+            raise self.corrupt(f"({self.size} bytes) fails its size or xxh3 check")
 
 
-def extract_item(chunks: ChunkStore, store: Store, item: Item, store_fd: int,
-                 owner: tuple[int, int] | None) -> None:
-    """Extract one item to a temporary name, verify it, and rename it into place; files get
-    `owner` (see `Store.owner`) when it is given."""
-    info, chunk = item.info, item.chunk
-    final = item.path.rsplit("/", 1)[1]
-    tmp = store.temp_name(chunk.key)
-    f = chunks.open_chunk(chunk.key, item=item.path)
+@dataclass
+class _Extraction:
+    """What extracting one item did."""
+
+    error: IncstoreError | None = None
+    quarantine: bool = False  # the chunk does not hold the item's NAR
+
+
+def extract_item(chunks: ChunkStore, sd: StoreDir, manifest: Manifest, n: int, tmp: str,
+                 owner: tuple[int, int] | None) -> _Extraction:
+    """Extract item `n` under the temporary name `tmp` and verify it; the caller renames it."""
+    path, chunk = manifest.paths[n], manifest.chunk(n)
+    nar_hash, nar_size = manifest.nar_hash(n), manifest.nar_size(n)
     try:
-        raw = _HashingReader(f)
+        f = chunks.open_chunk(chunk.key, item=path)
+    except IncstoreError as e:
+        return _Extraction(e)
+    raw = _ChunkReader(f, chunk, nar_size, path)
+    try:
+        reader = zstandard.ZstdDecompressor().stream_reader(
+            raw, read_across_frames=False)  # type: ignore[arg-type]
         try:
-            dctx = zstandard.ZstdDecompressor()
-            # _HashingReader has the read() that stream_reader needs; zstandard's stub asks IO
-            reader = dctx.stream_reader(raw, read_across_frames=False)  # type: ignore[arg-type]
-            try:
-                digest = nar.restore(reader.read, store_fd, tmp, owner=owner, item=item.path)
-            except NarFormatError:
-                # a damaged chunk reads as a broken NAR: blame the chunk when it fails its own
-                # checksum, the archive only when the chunk is the one the manifest names
-                raw.check(chunk, item.path)
-                raise
-            faults.point("restore.extracted")
-            raw.check(chunk, item.path)
-            if digest.db_hash != info.hash or digest.size != info.nar_size:
-                raise ChunkCorruptError(
-                    f"NAR hash {digest.db_hash} ({digest.size} bytes) is not the manifest's "
-                    f"{info.hash} ({info.nar_size} bytes)",
-                    item=item.path,
-                )
-            if os.path.lexists(os.path.join(store.store_root, final)):
-                # debris of an interrupted build or a path whose files the DB lost: moved aside
-                # first, so the final name is never without a complete tree for long
-                trash = store.temp_name(chunk.key)
-                os.rename(final, trash, src_dir_fd=store_fd, dst_dir_fd=store_fd)
-                remove_tree(store.store_root / trash)
-            os.rename(tmp, final, src_dir_fd=store_fd, dst_dir_fd=store_fd)
-            faults.point("restore.renamed")
-        except zstandard.ZstdError as e:
-            remove_tree(store.store_root / tmp)
-            raise ChunkCorruptError(f"chunk {chunk.key} does not decompress: {e}",
-                                    item=item.path) from e
-        except IncstoreError:
-            remove_tree(store.store_root / tmp)
-            raise
-        except OSError as e:
-            remove_tree(store.store_root / tmp)
-            raise StoreError(f"cannot extract: {e}", item=item.path) from e
+            digest = nar.restore(reader.read, sd.fd, tmp, owner=owner, item=path,
+                                 limit=nar_size)
+        except nar.NarTooLong as e:
+            return _Extraction(e, True)  # a bomb, or not this item's chunk: stop right here
+        except NarFormatError as e:
+            # a damaged chunk reads as a broken NAR: blame the chunk when it fails its own
+            # checks, the archive when the chunk is exactly the one the manifest names
+            raw.finish()
+            return _Extraction(e, True)
+        faults.point("restore.extracted")
+        raw.finish()
+        if digest.db_hash != nar_hash or digest.size != nar_size:
+            return _Extraction(ChunkCorruptError(
+                f"NAR hash {digest.db_hash} ({digest.size} bytes) is not the manifest's "
+                f"{nar_hash} ({nar_size} bytes)", item=path), True)
+        return _Extraction()
+    except ChunkCorruptError as e:
+        return _Extraction(e, raw.proven_bad)
+    except zstandard.ZstdError as e:
+        return _Extraction(ChunkCorruptError(f"chunk {chunk.key} does not decompress: {e}",
+                                             item=path), True)
+    except IncstoreError as e:
+        return _Extraction(e)
+    except OSError as e:
+        return _Extraction(StoreError(f"cannot extract: {e.strerror or e}", item=path))
     finally:
         f.close()
 
@@ -188,131 +271,367 @@ class RestoreResult:
     registered: list[str]
     failed: list[IncstoreError]
     swept: list[str]
+    db_mode: str = ""
+    warnings: list[str] = field(default_factory=list)
+    quarantined: list[str] = field(default_factory=list)
 
     @property
     def skipped(self) -> list[str]:
-        """Extracted but not registered: something they reference failed."""
+        """Extracted and verified but not registered: something they reference failed."""
         return sorted(set(self.extracted) - set(self.registered))
 
     def to_json(self) -> dict[str, Any]:
         return {
             "items": len(self.plan.actions),
-            "present": len(self.plan.paths(Action.PRESENT)),
+            "present": len(self.plan.indices(Action.PRESENT)),
             "extracted": len(self.extracted),
             "registered": len(self.registered),
             "failed": [str(e) for e in self.failed],
             "skipped": self.skipped,
+            "quarantined": self.quarantined,
+            "warnings": self.warnings,
             "db": str(self.plan.db_out or self.plan.db_path),
+            "db_mode": self.db_mode,
         }
 
     def error(self) -> IncstoreError | None:
         return combine(self.failed, "restore") if self.failed else None
 
 
-def _registrable(plan: RestorePlan, extracted: set[str], valid: set[str]) -> list[db.PathInfo]:
-    """Extracted items all of whose references are present or registrable, transitively."""
-    ok = set(plan.paths(Action.PRESENT)) | extracted | valid
-    external = set(plan.manifest.external) - set(plan.missing_external)
-    by_path = plan.manifest.by_path()
-    changed = True
-    while changed:
-        changed = False
-        for path in list(ok):
-            if any(ref not in ok and ref not in external for ref in by_path[path].info.references):
-                ok.discard(path)
-                changed = True
-    return [by_path[p].info for p in sorted(ok & extracted)]
+def _closure(manifest: Manifest, ok: bytearray, external_ok: bool) -> bytearray:
+    """Which items are usable: `ok` (present or extracted) and every reference usable, by
+    propagating failures backwards along references once (linear in items + references)."""
+    count = len(manifest)
+    usable = bytearray(ok)
+    referrers: dict[int, list[int]] = {}
+    bad: list[int] = []
+    for n in range(count):
+        for r in manifest.ref_indices(n):
+            if r == n:
+                continue
+            if r >= count:
+                if not external_ok and usable[n]:
+                    usable[n] = 0
+            else:
+                referrers.setdefault(r, []).append(n)
+        if not usable[n]:
+            bad.append(n)
+    while bad:
+        for referrer in referrers.get(bad.pop(), ()):
+            if usable[referrer]:
+                usable[referrer] = 0
+                bad.append(referrer)
+    return usable
 
 
-def _sweep_stale_locks(plan: RestorePlan) -> None:
+def _topological(manifest: Manifest, members: list[int]) -> tuple[list[int], list[int]]:
+    """`members` with references first; the second list holds those on a reference cycle
+    (other than a self-reference), which no daemon could register one by one."""
+    inside = set(members)
+    pending = {n: sum(1 for r in set(manifest.ref_indices(n)) if r != n and r in inside)
+               for n in members}
+    referrers: dict[int, list[int]] = {}
+    for n in members:
+        for r in set(manifest.ref_indices(n)):
+            if r != n and r in inside:
+                referrers.setdefault(r, []).append(n)
+    ready = sorted(n for n, k in pending.items() if k == 0)
+    order: list[int] = []
+    while ready:
+        n = ready.pop()
+        order.append(n)
+        for m in referrers.get(n, ()):
+            pending[m] -= 1
+            if pending[m] == 0:
+                ready.append(m)
+    placed = set(order)
+    return order, [n for n in members if n not in placed]
+
+
+class _Run:
+    """The state of one restore while it executes."""
+
+    def __init__(self, plan: RestorePlan, jobs: int, progress: Progress | None) -> None:
+        self.plan = plan
+        self.manifest = plan.manifest
+        self.flavour = plan.manifest.flavour
+        self.jobs = jobs
+        self.progress = progress
+        self.token = os.urandom(4).hex()
+        self.failed: list[IncstoreError] = []
+        self.warnings: list[str] = []
+        self.quarantined: list[str] = []
+        self.extracted = bytearray(len(plan.manifest))  # 1: verified tree under its temp name
+        self.placed: list[int] = []  # renamed into place, not yet registered (swap/out)
+        self.registered: list[int] = []
+        self.mode: DbMode = plan.db_mode
+        self.big_lock: HeldLock | None = None
+
+    def temp(self, n: int) -> str:
+        return f".incstore-tmp-{os.getpid()}-{self.token}-{self.manifest.chunk_key(n)}"
+
+    def fail(self, error: IncstoreError) -> None:
+        self.failed.append(error)
+        if self.progress:
+            self.progress("failed", str(error))
+
+
+def _preflight(run: _Run, chunks: ChunkStore, sd: StoreDir) -> None:
+    """Everything that can refuse the restore, checked before the store is touched."""
+    plan = run.plan
+    chunks.check_store_dir(plan.manifest.store_dir)
+    if sd.read_only():
+        raise StoreError(
+            "is mounted read-only (a bind mount such as guix-install.sh's gnu-store.mount); "
+            "run the restore as root so it can remount it writable in a private mount "
+            "namespace, or `sudo mount -o remount,rw " + str(plan.store.store_root) + "`",
+            item=str(plan.store.store_root))
+    if not os.access(sd.root, os.W_OK):
+        raise StoreError("is not writable by this user (run the restore as root)",
+                         item=str(sd.root))
+    need = sum(plan.manifest.nar_size(n) for n in plan.to_extract)
+    free = sd.free_bytes()
+    if need + SPACE_MARGIN > free and plan.to_extract:
+        raise StoreError(f"has {free} bytes free but the restore needs about {need}",
+                         item=str(sd.root))
+    if plan.db_mode in ("auto", "swap", "in-place"):
+        plan.db_path.parent.mkdir(parents=True, exist_ok=True)
+        lock_file = plan.db_path.parent / "big-lock"
+        what = "the daemon's big-lock (is the daemon running? use --db-mode in-place)"
+        if plan.db_mode in ("auto", "swap"):
+            try:
+                run.big_lock = take(lock_file, run.flavour.lock_primitive, exclusive=True,
+                                    blocking=False, what=what)
+                run.mode = "swap"
+            except LockedError:
+                if plan.db_mode == "swap" or not plan.db_path.exists():
+                    raise
+                run.mode = "in-place"
+        if run.mode == "in-place":
+            run.big_lock = take(lock_file, run.flavour.lock_primitive, exclusive=False,
+                                blocking=False, what="the daemon's big-lock (a DB swap is "
+                                "in progress)")
+
+
+def execute_restore(plan: RestorePlan, *, jobs: int = 2, progress: Progress | None = None
+                    ) -> RestoreResult:
+    run = _Run(plan, jobs, progress)
+    store = plan.store
+    chunks = ChunkStore(plan.cache)
+    with StoreDir(store.store_root, create=True) as sd:
+        try:
+            _preflight(run, chunks, sd)
+            store.state_root.mkdir(parents=True, exist_ok=True)
+            owner = plan.owner or store.daemon_owner()
+            # a shared gc.lock makes a collection wait, so nothing extracted but not yet
+            # registered can be deleted under us
+            with take(store.gc_lock, run.flavour.lock_primitive, exclusive=False,
+                      blocking=True, what="gc.lock"):
+                swept, problems = sd.sweep_temps()
+                run.warnings += [f"left a stale temporary entry: {p}" for p in problems]
+                atomicfile.sweep(plan.db_path.parent)  # DB copies of runs that died
+                _extract_all(run, chunks, sd, owner)
+                _place_and_register(run, sd)
+                _remove_leftovers(run, sd)
+                _sweep_stale_locks(run, sd)
+        finally:
+            if run.big_lock is not None:
+                run.big_lock.release()
+    paths = plan.manifest.paths
+    extracted = [paths[n] for n, done in enumerate(run.extracted) if done]
+    return RestoreResult(plan, sorted(extracted), sorted(paths[n] for n in run.registered),
+                         run.failed, swept, run.mode, run.warnings, run.quarantined)
+
+
+def _extract_all(run: _Run, chunks: ChunkStore, sd: StoreDir,
+                 owner: tuple[int, int] | None) -> None:
+    plan, manifest = run.plan, run.manifest
+    missing = set(plan.missing_external)
+    todo = []
+    for n in sorted(plan.to_extract, key=lambda n: -manifest.nar_size(n)):
+        lacking = sorted(set(manifest.references(n)) & missing)
+        if lacking:
+            run.fail(StoreError(f"references {lacking[0]}, which the manifest leaves to the "
+                                "target store, but it is not valid there", item=manifest.paths[n]))
+        else:
+            todo.append(n)
+
+    def one(n: int) -> _Extraction:
+        outcome = extract_item(chunks, sd, manifest, n, run.temp(n), owner)
+        if outcome.error is not None:
+            report = sd.remove(run.temp(n))
+            if report.failures:
+                run.warnings.append(f"left a temporary tree of {manifest.paths[n]}: "
+                                    f"{report.failures[0]}")
+        return outcome
+
+    workers = max(run.jobs, chunks.backend.min_workers)
+    for n, outcome in bounded_map(one, todo, workers=workers):
+        if outcome.error is None:
+            run.extracted[n] = 1
+            if run.progress:
+                run.progress("restored", manifest.paths[n])
+            continue
+        run.fail(outcome.error)
+        if outcome.quarantine and isinstance(outcome.error, ChunkCorruptError | NarFormatError):
+            key = manifest.chunk_key(n)
+            try:
+                if chunks.quarantine(key):
+                    run.quarantined.append(key)
+            except IncstoreError as e:
+                run.warnings.append(f"could not quarantine chunk {key}: {e}")
+
+
+def _batches(run: _Run) -> Iterator[list[int]]:
+    """The registrable items in dependency order, in batches whose per-item locks fit in the
+    descriptors available."""
+    plan, manifest = run.plan, run.manifest
+    ok = bytearray(len(manifest))
+    for n in plan.indices(Action.PRESENT):
+        ok[n] = 1
+    for n, done in enumerate(run.extracted):
+        if done:
+            ok[n] = 1
+    usable = _closure(manifest, ok, not plan.missing_external)
+    members = [n for n, done in enumerate(run.extracted) if done and usable[n]]
+    order, cyclic = _topological(manifest, members)
+    for n in cyclic:
+        run.fail(StoreError("is on a reference cycle; not registered", item=manifest.paths[n]))
+    limit = ensure_open_files(MAX_BATCH * 2 + FD_RESERVE)
+    size = max(1, min(MAX_BATCH, (limit - FD_RESERVE - run.jobs * 80) // 2))
+    for start in range(0, len(order), size):
+        yield order[start: start + size]
+
+
+def _place_and_register(run: _Run, sd: StoreDir) -> None:
+    plan, manifest = run.plan, run.manifest
+    cut = len(manifest.store_dir) + 1
+    live = run.mode == "in-place"
+    conn = db.open_live(plan.db_path) if live else None
+    failed_here: set[int] = set()
+    try:
+        for batch in _batches(run):
+            locks: list[ItemLock] = []
+            placed: list[int] = []
+            try:
+                for n in batch:
+                    if any(r in failed_here for r in manifest.ref_indices(n) if r != n):
+                        failed_here.add(n)
+                        continue
+                    lock = sd.item_lock(manifest.paths[n][cut:], run.flavour.lock_primitive)
+                    try:
+                        lock.acquire()
+                    except IncstoreError as e:
+                        run.fail(e)
+                        failed_here.add(n)
+                        continue
+                    locks.append(lock)
+                    if live and _became_valid(run, conn, n, sd):
+                        continue
+                    try:
+                        report = sd.replace(run.temp(n), manifest.paths[n][cut:])
+                    except OSError as e:
+                        run.fail(StoreError(f"cannot put in place: {e.strerror}",
+                                            item=manifest.paths[n]))
+                        failed_here.add(n)
+                        continue
+                    if report.failures:
+                        run.warnings.append(f"left debris of {manifest.paths[n]} under a "
+                                            f"temporary name: {report.failures[0]}")
+                    faults.point("restore.renamed")
+                    placed.append(n)
+                if live:
+                    assert conn is not None
+                    try:
+                        db.register_batch(conn, plan.db_path, run.flavour,
+                                          [manifest.item(n).info for n in placed])
+                    except IncstoreError:
+                        _unplace(run, sd, placed)
+                        raise
+                    run.registered += placed
+                else:
+                    run.placed += placed
+            finally:
+                for lock in locks:
+                    lock.release()
+        if not live:
+            _register_copy(run, sd)
+    except IncstoreError as e:
+        run.fail(e)
+    finally:
+        if conn is not None:
+            conn.close()
+
+
+def _became_valid(run: _Run, conn: Any, n: int, sd: StoreDir) -> bool:
+    """Whether a daemon session built or substituted the item while we were extracting it
+    (we hold its lock now, so that cannot change any more). Only a live DB can change under
+    us: a swap holds the big-lock exclusively, so no session runs."""
+    path = run.manifest.paths[n]
+    return db.is_valid_on(conn, path) and sd.exists(path[len(run.manifest.store_dir) + 1:])
+
+
+def _register_copy(run: _Run, sd: StoreDir) -> None:
+    plan, manifest = run.plan, run.manifest
+    infos = [manifest.item(n).info for n in run.placed]
+    if not infos and plan.db_mode != "out" and plan.db_path.exists():
+        return
+    try:
+        if plan.db_mode == "out":
+            assert plan.db_out is not None
+            source = plan.db_path if plan.db_path.exists() else None
+            db.write_copy(source, plan.db_out, run.flavour, infos)
+        else:
+            db.swap_in(plan.db_path, run.flavour, infos)
+    except (IncstoreError, OSError) as e:
+        _unplace(run, sd, run.placed)
+        run.placed = []
+        if isinstance(e, IncstoreError):
+            raise
+        raise DatabaseError(f"cannot write the DB: {e.strerror or e}",
+                            item=str(plan.db_path)) from e
+    run.registered += run.placed
+    run.placed = []
+
+
+def _unplace(run: _Run, sd: StoreDir, placed: list[int]) -> None:
+    """Take items that were renamed into place but not registered out again."""
+    cut = len(run.manifest.store_dir) + 1
+    for n in placed:
+        aside = sd.temp_name("unregistered")
+        try:
+            os.rename(run.manifest.paths[n][cut:], aside, src_dir_fd=sd.fd, dst_dir_fd=sd.fd)
+        except OSError as e:
+            run.warnings.append(f"could not take {run.manifest.paths[n]} out again: {e}")
+            continue
+        sd.remove(aside)
+
+
+def _remove_leftovers(run: _Run, sd: StoreDir) -> None:
+    registered = set(run.registered)
+    for n, done in enumerate(run.extracted):
+        if done and n not in registered:
+            report = sd.remove(run.temp(n))
+            if report.failures:
+                run.warnings.append(f"left a temporary tree of {run.manifest.paths[n]}: "
+                                    f"{report.failures[0]}")
+
+
+def _sweep_stale_locks(run: _Run, sd: StoreDir) -> None:
     """Delete the `.lock` files of present items that nobody holds (left by a killed run)."""
-    primitive = plan.manifest.flavour.lock_primitive
-    with os.scandir(plan.store.store_root) as entries:
-        names = {e.name for e in entries if e.name.endswith(".lock")}
-    for path in plan.paths(Action.PRESENT):
-        lock_file = plan.store.lock_file(path)
-        if lock_file.name in names:
-            lock = PathLock(lock_file, primitive)
+    manifest = run.manifest
+    cut = len(manifest.store_dir) + 1
+    wanted = {manifest.paths[n][cut:] + ".lock": n for n in run.plan.indices(Action.PRESENT)}
+    if not wanted:
+        return
+    for name in [nm for nm in sd.names() if nm in wanted]:
+        st = sd.lstat(name)
+        if st is None or not is_plain(st):
+            continue
+        lock = sd.item_lock(name[: -len(".lock")], run.flavour.lock_primitive)
+        try:
             if lock.acquire(blocking=False):
                 lock.release()
-
-
-def execute_restore(
-    plan: RestorePlan, *, jobs: int = 2, progress: Progress | None = None
-) -> RestoreResult:
-    store = plan.store
-    flavour = plan.manifest.flavour
-    chunks = ChunkStore(plan.cache)
-    chunks.check_store_dir(plan.manifest.store_dir)
-    store.store_root.mkdir(parents=True, exist_ok=True)
-    store.state_root.mkdir(parents=True, exist_ok=True)
-    todo = sorted(plan.to_extract, key=lambda i: -i.info.nar_size)
-    ensure_open_files(len(todo) + 256)
-    failed: list[IncstoreError] = []
-    extracted: list[str] = []
-    became_valid: list[str] = []
-    locks: list[PathLock] = []
-    # a shared gc.lock makes a collection wait, so nothing extracted but not yet registered
-    # can be deleted under us
-    with hold(store.gc_lock, flavour.lock_primitive, exclusive=False, blocking=True,
-              what="gc.lock"):
-        swept = store.sweep_temps()
-        atomicfile.sweep(plan.db_path.parent)
-        store_fd = os.open(store.store_root, os.O_RDONLY | os.O_DIRECTORY)
-        owner = store.owner()
-        try:
-
-            missing = set(plan.missing_external)
-
-            def one(item: Item) -> IncstoreError | bool:
-                lacking = sorted(set(item.info.references) & missing)
-                if lacking:
-                    return StoreError(f"references {lacking[0]}, which the manifest leaves to "
-                                      "the target store, but it is not valid there", item=item.path)
-                lock = PathLock(store.lock_file(item.path), flavour.lock_primitive)
-                lock.acquire()
-                locks.append(lock)
-                # a daemon session may have built or substituted it while we waited
-                if (store.exists(item.path) and plan.db_path.exists()
-                        and db.is_valid(plan.db_path, item.path)):
-                    return False
-                try:
-                    extract_item(chunks, store, item, store_fd, owner)
-                except IncstoreError as e:
-                    return e
-                return True
-
-            with ThreadPoolExecutor(max_workers=max(jobs, chunks.backend.min_workers)) as pool:
-                for item, outcome in zip(todo, pool.map(one, todo), strict=True):
-                    if isinstance(outcome, IncstoreError):
-                        failed.append(outcome)
-                        if progress:
-                            progress("failed", str(outcome))
-                        continue
-                    (extracted if outcome else became_valid).append(item.path)
-                    if progress:
-                        progress("restored", item.path)
-            infos = _registrable(plan, set(extracted), set(became_valid))
-            if infos or plan.db_mode == "out" or not plan.db_path.exists():
-                _register(plan, infos)
-        finally:
-            os.close(store_fd)
-            for lock in locks:
-                lock.release()
-        _sweep_stale_locks(plan)
-    return RestoreResult(plan, sorted(extracted), [i.path for i in infos], failed, swept)
-
-
-def _register(plan: RestorePlan, infos: list[db.PathInfo]) -> None:
-    flavour = plan.manifest.flavour
-    source = plan.db_path if plan.db_path.exists() else None
-    if plan.db_mode == "out":
-        assert plan.db_out is not None
-        db.write_copy(source, plan.db_out, flavour, infos)
-    elif plan.db_mode == "in-place" and source is not None:
-        with db.big_lock(plan.db_path, flavour, exclusive=False):
-            db.register_in_place(plan.db_path, flavour, infos)
-    else:
-        db.swap_in(plan.db_path, flavour, infos)
-
+        except IncstoreError as e:
+            run.warnings.append(str(e))
 

@@ -28,7 +28,7 @@ import obstore
 from obstore import exceptions as obx
 from obstore.store import S3Store
 
-from incstore.backend import AlreadyExists, Backend, Entry, Reader, check_name
+from incstore.backend import AlreadyExists, Backend, Entry, Reader, check_name, valid_name
 from incstore.errors import RemoteError
 
 PART = 8 << 20
@@ -48,6 +48,7 @@ class S3Backend(Backend):
     """A chunk store under `s3://bucket/prefix`."""
 
     min_workers = 8
+    verifies_reads_cheaply = False
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -166,8 +167,21 @@ class S3Backend(Backend):
         except FileNotFoundError as e:
             raise self._missing(directory, e) from None
         base = f"{prefix}/" if prefix else ""
+        # a key planted with a `..` segment or odd characters is not ours: leave it out
         return [Entry(o["path"].removeprefix(base), o["size"], o["last_modified"].timestamp())
-                for o in result["objects"]]
+                for o in result["objects"] if valid_name(o["path"])
+                and o["path"].startswith(base) and "/" not in o["path"][len(base):]]
+
+    def move(self, name: str, new_name: str) -> bool:
+        check_name(name)
+        check_name(new_name)
+        try:
+            self._call("COPY", name, lambda: obstore.copy(self.store, name, new_name,
+                                                          overwrite=False))
+        except FileNotFoundError:
+            return False
+        self.delete(name)
+        return True
 
     def stat(self, name: str) -> Entry | None:
         try:

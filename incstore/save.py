@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -23,13 +23,15 @@ from incstore import atomicfile, db, nar
 from incstore.atomicfile import AlreadyExists
 from incstore.chunkstore import ChunkStore, NarInfo
 from incstore.errors import (
+    ChunkCorruptError,
     IncstoreError,
     ManifestError,
     StoreError,
     StoreHashMismatchError,
     combine,
 )
-from incstore.manifest import ChunkRef, Item, Manifest, from_bytes, now_utc
+from incstore.manifest import ChunkRef, Item, Manifest, from_bytes, now_utc, saved_at
+from incstore.pool import bounded_map
 from incstore.store import Store
 from incstore.storepath import StorePath, nix32_encode
 
@@ -53,22 +55,30 @@ def variant_key(info: db.PathInfo, store_dir: str) -> str:
 
 
 def _known_chunks(store: ChunkStore, complete: set[str]) -> dict[str, tuple[str, ChunkRef]]:
-    """key -> (narinfo NarHash, chunk ref), from the named manifests: a few GETs instead of one
-    narinfo read per reused chunk. Keys the manifests disagree on are left out."""
+    """key -> (DB-form NAR hash, chunk ref), from the named manifests: a few GETs instead of
+    one narinfo read per reused chunk. Keys the manifests disagree on are left out."""
     known: dict[str, tuple[str, ChunkRef]] = {}
     clash: set[str] = set()
     for name in store.manifest_names():
         with contextlib.suppress(ManifestError):
-            for item in from_bytes(store.read_manifest(name), name).items:
-                entry = (narinfo_hash(item.info.hash), item.chunk)
-                if known.setdefault(item.chunk.key, entry) != entry:
-                    clash.add(item.chunk.key)
-    return {k: v for k, v in known.items() if k in complete and k not in clash}
+            m = from_bytes(store.read_manifest(name), name)
+            for n in range(len(m)):
+                key = m.chunk_key(n)
+                if key not in complete:
+                    continue
+                entry = (m.nar_hash(n), m.chunk(n))
+                if known.setdefault(key, entry) != entry:
+                    clash.add(key)
+    return {k: v for k, v in known.items() if k not in clash}
+
+
+SEEN_REFRESH = 86400  # an item's `seen` time moves on at most once a day: see `_seen`
 
 
 @dataclass(frozen=True)
 class SavePlan:
-    """What a save will do: which items it records, which chunks it must write."""
+    """What a save will do: which items it records, which chunks it must write, and which
+    items of the previous manifest of the same name it keeps although the store lacks them."""
 
     flavour: db.Flavour
     store: Store
@@ -77,6 +87,8 @@ class SavePlan:
     keys: dict[str, str]  # path -> chunk key
     reused: dict[str, ChunkRef] = field(default_factory=dict)  # path -> existing chunk
     external: tuple[str, ...] = ()  # references left out by --exclude-db
+    carried: tuple[Item, ...] = ()  # kept from `previous`: not in the store, chunk still held
+    previous: Manifest | None = None
 
     @property
     def to_write(self) -> list[db.PathInfo]:
@@ -91,6 +103,7 @@ class SavePlan:
             "reuse": sorted(self.reused),
             "nar_bytes_to_write": sum(i.nar_size for i in self.to_write),
             "external": list(self.external),
+            "carry": [i.path for i in self.carried],
         }
 
 
@@ -100,7 +113,17 @@ def plan_save(
     cache: str | Path,
     closure_of: Iterable[str] = (),
     exclude_dbs: Iterable[Path] = (),
+    *,
+    previous: Manifest | None = None,
+    carry_days: float = 0,
+    now: float | None = None,
 ) -> SavePlan:
+    """Plan a save of the valid paths of `db_path` (or the closure of `closure_of`), minus
+    those valid in `exclude_dbs`. With `previous` (the last manifest of the same name) and
+    `carry_days`, items it lists that the store no longer has are kept for that many days
+    after they were last seen in a saved store, if their chunks are still held: a restore
+    that could not bring them back must not make the cache forget them."""
+    now = time.time() if now is None else now
     snapshot = db.read_snapshot(db_path)
     flavour = snapshot.flavour
     roots = list(closure_of)
@@ -112,28 +135,85 @@ def plan_save(
     store = ChunkStore(cache)
     if store.exists():
         store.check_store_dir(flavour.store_dir)
-    complete = store.complete_keys()
+    files = store.chunk_files()
+    complete = store.narinfo_keys() & set(files)
     known = _known_chunks(store, complete) if complete else {}
 
-    def existing(key: str) -> tuple[str, ChunkRef]:
+    def existing(key: str) -> tuple[str, ChunkRef] | None:
+        """What the chunk store says the chunk under `key` holds, if it says so consistently:
+        a narinfo that cannot be read, or a chunk file whose listed size is not the recorded
+        one, means the chunk is not reused (it is checked and replaced on execution)."""
         if key not in known:
-            found = store.read_narinfo(key)
-            known[key] = (found.nar_hash, ChunkRef(key, found.file_size, found.xxh3_128))
-        return known[key]
+            try:
+                found = store.read_narinfo(key)
+            except IncstoreError:
+                return None
+            db_hash = _db_hash(found.nar_hash)
+            if db_hash is None:
+                return None
+            known[key] = (db_hash, ChunkRef(key, found.file_size, found.xxh3_128))
+        entry = known[key]
+        return entry if files[key].size == entry[1].size else None
 
     keys: dict[str, str] = {}
     reused: dict[str, ChunkRef] = {}
     for info in infos:
         hash_part = StorePath.parse(info.path, flavour.store_dir).hash_part
-        ours = hash_part in complete and existing(hash_part)[0] == narinfo_hash(info.hash)
-        key = hash_part if ours or hash_part not in complete else variant_key(
+        found = existing(hash_part) if hash_part in complete else None
+        if found is not None and found[0] == info.hash:
+            keys[info.path] = hash_part
+            reused[info.path] = found[1]
+            continue
+        key = hash_part if hash_part not in complete or found is None else variant_key(
             info, flavour.store_dir)
         keys[info.path] = key
-        if key in complete:
-            reused[info.path] = existing(key)[1]
-    kept = {i.path for i in infos}
-    external = tuple(sorted({r for i in infos for r in i.references if r not in kept}))
-    return SavePlan(flavour, Store(prefix, flavour), cache, infos, keys, reused, external)
+        if key != hash_part and key in complete:
+            variant = existing(key)
+            if variant is not None and variant[0] == info.hash:
+                reused[info.path] = variant[1]
+    carried = _carry(previous, infos, excluded, complete, carry_days, now) if previous else []
+    kept = {i.path for i in infos} | {i.path for i in carried}
+    external = tuple(sorted({r for i in infos for r in i.references if r not in kept}
+                            | {r for i in carried for r in i.info.references if r not in kept}))
+    return SavePlan(flavour, Store(prefix, flavour), cache, infos, keys, reused, external,
+                    tuple(carried), previous)
+
+
+def previous_manifest(cache: str | Path, name: str | None, manifest_path: Path | None = None
+                      ) -> Manifest | None:
+    """The last manifest saved under `name` in the chunk store (or at `manifest_path`), if
+    there is a readable one: a save keeps its items' `seen` times and, with carry_days, the
+    items the store lacks."""
+    from incstore.manifest import load
+
+    try:
+        if name is not None:
+            chunks = ChunkStore(cache)
+            return from_bytes(chunks.read_manifest(name), name) if chunks.exists() else None
+        if manifest_path is not None and manifest_path.exists():
+            return load(manifest_path)
+    except IncstoreError:
+        return None
+    return None
+
+
+def _carry(previous: Manifest, infos: tuple[db.PathInfo, ...], excluded: set[str],
+           complete: set[str], carry_days: float, now: float) -> list[Item]:
+    """The items of `previous` to keep although the store lacks them (see `plan_save`)."""
+    if carry_days <= 0:
+        return []
+    current = {i.path for i in infos}
+    window = carry_days * 86400
+    candidates = []
+    for n, path in enumerate(previous.paths):
+        if path in current or path in excluded or now - previous.seen(n) > window:
+            continue
+        if previous.chunk_key(n) in complete:
+            candidates.append(previous.item(n))
+    # a kept item must stay restorable: its references are items, kept, or external
+    provided = current | set(previous.external) | excluded | {i.path for i in candidates}
+    bad = {i.path for i in candidates if any(r not in provided for r in i.info.references)}
+    return _without_dependents(candidates, bad)
 
 
 class _HashingWriter:
@@ -151,6 +231,20 @@ class _HashingWriter:
 
     def flush(self) -> None:
         self.f.flush()
+
+
+def _db_hash(narinfo_nar_hash: str) -> str | None:
+    """`sha256:<nix32>` as narinfo files spell it, to the DB's `sha256:<hex>`; None if it is
+    not a well-formed sha256."""
+    from incstore.storepath import nix32_decode
+
+    digest = narinfo_nar_hash.removeprefix("sha256:")
+    if len(digest) != 52:
+        return None
+    try:
+        return "sha256:" + nix32_decode(digest).hex()
+    except ValueError:
+        return None
 
 
 def _narinfo(info: db.PathInfo, key: str, ref: ChunkRef) -> NarInfo:
@@ -172,7 +266,8 @@ def _narinfo(info: db.PathInfo, key: str, ref: ChunkRef) -> NarInfo:
 
 
 def write_chunk(
-    chunks: ChunkStore, store: Store, info: db.PathInfo, key: str, level: int, threads: int
+    chunks: ChunkStore, store: Store, info: db.PathInfo, key: str, level: int, threads: int,
+    *, retry: bool = True,
 ) -> ChunkRef:
     """Serialise, verify and compress one item into the chunk store; return its chunk ref."""
     source = store.physical(info.path)
@@ -200,10 +295,20 @@ def write_chunk(
     except AlreadyExists:
         # another save wrote this chunk first (or one that died before its narinfo): keep
         # theirs if it holds our NAR, else ours goes under the key for a different NAR
-        found = chunks.inspect(key)
+        try:
+            found = chunks.inspect(key, nar_size=info.nar_size)
+        except ChunkCorruptError:
+            # junk under our key (planted, or damaged): move it aside and write ours there
+            if not retry:
+                raise
+            chunks.quarantine(key)
+            return write_chunk(chunks, store, info, key, level, threads, retry=False)
         if (found.nar_sha256, found.nar_size) != (info.hash.removeprefix("sha256:"), info.nar_size):
-            return write_chunk(chunks, store, info, variant_key(info, store.flavour.store_dir),
-                               level, threads)
+            variant = variant_key(info, store.flavour.store_dir)
+            if key == variant or not retry:
+                raise ChunkCorruptError(f"chunk {key} holds another NAR",
+                                        item=info.path) from None
+            return write_chunk(chunks, store, info, variant, level, threads, retry=False)
         ref = ChunkRef(key, found.size, found.xxh3_128)
     chunks.write_narinfo(key, _narinfo(info, key, ref))
     return ref
@@ -232,27 +337,37 @@ class SaveResult:
 
 
 def _without_dependents(items: Iterable[Item], bad: set[str]) -> list[Item]:
-    """Drop items that (transitively) reference a path in `bad`, so the manifest stays closed."""
-    remaining = list(items)
-    changed = True
-    while changed:
-        kept = [i for i in remaining if not (set(i.info.references) & bad)]
-        changed = len(kept) != len(remaining)
-        bad |= {i.path for i in remaining} - {i.path for i in kept}
-        remaining = kept
-    return remaining
+    """Drop items that (transitively) reference a path in `bad`, so the manifest stays closed
+    (one pass backwards along references: linear in items plus references)."""
+    items = list(items)
+    referrers: dict[str, list[str]] = {}
+    for item in items:
+        for ref in item.info.references:
+            if ref != item.path:
+                referrers.setdefault(ref, []).append(item.path)
+    dropped = set(bad)
+    todo = list(bad)
+    while todo:
+        for referrer in referrers.get(todo.pop(), ()):
+            if referrer not in dropped:
+                dropped.add(referrer)
+                todo.append(referrer)
+    return [item for item in items if item.path not in dropped]
 
 
 def _record(chunks: ChunkStore, name: str, manifest: Manifest) -> None:
-    """Record the manifest under its name. An unchanged one is written again byte for byte: its
-    mtime (the last save, which gc's --keep-days counts from) moves on, and the store's digest
-    stays the same."""
+    """Record the manifest under its name. An unchanged one saved less than a day ago is
+    written again byte for byte: its mtime moves on and the store's digest stays the same, so
+    a CI job uploads nothing. Once a day an unchanged manifest is written anew, so that the
+    save time recorded inside it (which gc's --keep-days counts from, and which survives a
+    cache's round trip) moves on too."""
     data = manifest.to_bytes()
-    with contextlib.suppress(ManifestError):
+    with contextlib.suppress(IncstoreError):
         old = chunks.read_manifest(name)
-        with contextlib.suppress(ManifestError):
-            if from_bytes(old, name).same_content(manifest):
-                data = old
+        previous = from_bytes(old, name)
+        if previous.same_content(manifest) and \
+                time.time() - saved_at(previous, 0) < SEEN_REFRESH:
+            data = old
     chunks.write_manifest(name, data)
 
 
@@ -281,43 +396,89 @@ def execute_save(
         chunks.drop_pending(pending)
 
 
+def _verify_reused(plan: SavePlan, chunks: ChunkStore, jobs: int) -> list[str]:
+    """Check every reused chunk cheaply, by its size and XXH3-128 (not its NAR hash): the
+    chunk store may hold junk under a narinfo that claims the right NarHash, or a chunk a
+    restore found corrupt. A chunk that fails is quarantined, so that it is written anew.
+    Returns the paths whose chunk must be written again."""
+
+    def digest(path: str) -> tuple[int, str] | None:
+        try:
+            return chunks.quick_digest(plan.reused[path].key, item=path)
+        except IncstoreError:
+            return None
+
+    bad = []
+    for path, found in bounded_map(digest, sorted(plan.reused),
+                                   workers=max(jobs, chunks.backend.min_workers)):
+        ref = plan.reused[path]
+        if found != (ref.size, ref.xxh3_128):
+            with contextlib.suppress(IncstoreError):
+                chunks.quarantine(ref.key)
+            bad.append(path)
+    return bad
+
+
 def _save(plan: SavePlan, chunks: ChunkStore, manifest_path: Path | None, name: str | None,
           jobs: int, level: int, progress: Progress | None) -> SaveResult:
-    refs: dict[str, ChunkRef] = dict(plan.reused)
+    reused = dict(plan.reused)
+    if chunks.backend.verifies_reads_cheaply:
+        for path in _verify_reused(plan, chunks, jobs):
+            del reused[path]
+    refs: dict[str, ChunkRef] = dict(reused)
     failed: list[IncstoreError] = []
     written: list[str] = []
 
-    def one(info: db.PathInfo) -> tuple[db.PathInfo, ChunkRef | IncstoreError]:
+    def one(info: db.PathInfo) -> ChunkRef | IncstoreError:
         threads = jobs if info.nar_size > MT_THRESHOLD and jobs > 1 else 0
         try:
-            return info, write_chunk(chunks, plan.store, info, plan.keys[info.path], level, threads)
+            return write_chunk(chunks, plan.store, info, plan.keys[info.path], level, threads)
         except IncstoreError as e:
-            return info, e
+            return e
 
     def run(todo: list[db.PathInfo]) -> None:
-        with ThreadPoolExecutor(max_workers=max(jobs, chunks.backend.min_workers)) as pool:
-            for info, outcome in pool.map(one, todo):
-                if isinstance(outcome, IncstoreError):
-                    failed.append(outcome)
-                    if progress:
-                        progress("failed", str(outcome))
-                    continue
-                refs[info.path] = outcome
-                written.append(info.path)
+        workers = max(jobs, chunks.backend.min_workers)
+        for info, outcome in bounded_map(one, todo, workers=workers):
+            if isinstance(outcome, IncstoreError):
+                failed.append(outcome)
                 if progress:
-                    progress("saved", info.path)
+                    progress("failed", str(outcome))
+                continue
+            refs[info.path] = outcome
+            written.append(info.path)
+            if progress:
+                progress("saved", info.path)
 
     # large items first, so the tail of the run is not one big item on one core
-    run(sorted(plan.to_write, key=lambda i: -i.nar_size))
+    run(sorted((i for i in plan.items if i.path not in reused), key=lambda i: -i.nar_size))
     # a gc that planned before our pending record existed may have swept a reused chunk
     present = chunks.chunk_files()
-    run([i for i in plan.items if i.path in plan.reused and refs[i.path].key not in present])
-    items = [Item(info, refs[info.path]) for info in plan.items if info.path in refs]
+    run([i for i in plan.items if i.path in reused and refs[i.path].key not in present])
+    now = int(time.time())
+    items = [_item(info, refs[info.path], _seen(plan.previous, info, now))
+             for info in plan.items if info.path in refs] + list(plan.carried)
     items = _without_dependents(items, {e.item for e in failed if e.item})
-    manifest = Manifest(plan.flavour, tuple(items), now_utc(), plan.external)
+    manifest = Manifest.from_items(plan.flavour, items, created=now_utc(), name=name,
+                                   external=plan.external)
     if manifest_path is not None:
         manifest.write(manifest_path)
     if name is not None:
         _record(chunks, name, manifest)
-    return SaveResult(manifest, written, sorted(plan.reused), failed,
+    return SaveResult(manifest, written, sorted(reused), failed,
                       sum(refs[p].size for p in written))
+
+
+def _seen(previous: Manifest | None, info: db.PathInfo, now: int) -> int:
+    """When the item was last seen in a saved store: now, except that a recent time from the
+    previous manifest is kept, so that saving an unchanged store writes an unchanged manifest
+    (and uploads nothing)."""
+    n = previous.index(info.path) if previous is not None else None
+    if previous is not None and n is not None and previous.nar_hash(n) == info.hash and \
+            now - previous.seen(n) < SEEN_REFRESH:
+        return previous.seen(n)
+    return now
+
+
+def _item(info: db.PathInfo, ref: ChunkRef, seen: int) -> Item:
+    sigs = tuple(info.sigs.split()) if info.sigs else ()
+    return Item(info, ref, seen=seen, sigs=sigs)

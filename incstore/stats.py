@@ -16,7 +16,7 @@ from incstore.manifest import Manifest
 
 
 def _chunks(m: Manifest) -> dict[str, int]:
-    return {item.chunk.key: item.chunk.size for item in m.items}
+    return {m.chunk_key(n): m.chunk(n).size for n in range(len(m))}
 
 
 @dataclass
@@ -38,8 +38,8 @@ def stats(manifests: Mapping[str, Manifest], store_bytes: int) -> StatsReport:
         chunk_map = keys[name]
         unique = sum(size for k, size in chunk_map.items() if users[k] == 1)
         per[name] = {
-            "items": len(m.items),
-            "nar_bytes": sum(i.info.nar_size for i in m.items),
+            "items": len(m),
+            "nar_bytes": sum(m.nar_size(n) for n in range(len(m))),
             "chunk_bytes": sum(chunk_map.values()),
             "unique_bytes": unique,
             "shared_bytes": sum(chunk_map.values()) - unique,
@@ -63,11 +63,15 @@ class DiffReport:
 
 
 def diff(a: Manifest, b: Manifest) -> DiffReport:
-    ia, ib = a.by_path(), b.by_path()
-    only_a = sorted(set(ia) - set(ib))
-    only_b = sorted(set(ib) - set(ia))
-    common = sorted(set(ia) & set(ib))
-    return DiffReport(only_a, only_b, common,
-                      sum(ia[p].chunk.size for p in only_a),
-                      sum(ib[p].chunk.size for p in only_b),
-                      sum(ia[p].chunk.size for p in common))
+    pa, pb = set(a.paths), set(b.paths)
+    only_a = sorted(pa - pb)
+    only_b = sorted(pb - pa)
+    common = sorted(pa & pb)
+
+    def size(m: Manifest, path: str) -> int:
+        n = m.index(path)
+        assert n is not None
+        return m.chunk(n).size
+
+    return DiffReport(only_a, only_b, common, sum(size(a, p) for p in only_a),
+                      sum(size(b, p) for p in only_b), sum(size(a, p) for p in common))

@@ -1,23 +1,27 @@
-"""Store: the physical store directory (and state directory) of one flavour under a prefix.
+"""Store: the physical layout of one flavour's store and state directories under a prefix.
 
 Paths in the daemon DB and in manifests read `/gnu/store/...`; the files live under
 `<prefix>/gnu/store` and the DB under `<prefix>/var/guix/db`, as with Guix's own
-`register-items #:prefix`. A prefix of `/` is the real store.
+`register-items #:prefix`. A prefix of `/` is the real store. What is done *inside* the store
+directory goes through `storedir.StoreDir`; this module only says where things are and whom
+restored files must belong to.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
+import pwd
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from incstore.atomicfile import temp_owner, writer_alive
 from incstore.db import Flavour
+from incstore.errors import StoreError
+from incstore.storedir import StoreDir
 
-TEMP_PREFIX = ".incstore-tmp-"
+# the daemon's own account when it runs unprivileged (Guix's `guix-daemon` service user)
+DAEMON_USERS = {"guix": "guix-daemon", "nix": "nix-daemon"}
 
 
 def _under(prefix: Path, absolute: str) -> Path:
@@ -26,7 +30,7 @@ def _under(prefix: Path, absolute: str) -> Path:
 
 @dataclass(frozen=True)
 class Store:
-    """The physical layout of one store: where items, the DB and the locks are."""
+    """Where items, the DB and the locks of one store are."""
 
     prefix: Path
     flavour: Flavour
@@ -53,39 +57,71 @@ class Store:
     def exists(self, store_path: str) -> bool:
         return os.path.lexists(self.physical(store_path))
 
-    def owner(self) -> tuple[int, int] | None:
-        """Who restored files must belong to, or None when they already do (not root, or root)."""
+    def daemon_owner(self) -> tuple[int, int] | None:
+        """Whom restored files must belong to, when that is not the user running incstore.
+
+        Only root can give files away. The daemon expects root:root, unless it runs
+        unprivileged as its own service user, which then owns the store: a running daemon
+        process tells, else that user's existence and its owning the store directory. Who
+        happens to own the store directory otherwise (a runner user that unpacked the binary
+        tarball, say) does not matter.
+        """
         if os.geteuid() != 0:
             return None
-        st = self.store_root.stat()
-        # a privileged daemon's store dir is root:<build group> but its items are root:root;
-        # an unprivileged daemon owns the store dir and its items as one user and group
-        owner = (st.st_uid, st.st_gid if st.st_uid != 0 else 0)
-        return None if owner == (0, 0) else owner
+        found = _running_daemon_owner(self.flavour.name)
+        if found is None:
+            with contextlib.suppress(KeyError):
+                user = pwd.getpwnam(DAEMON_USERS[self.flavour.name])
+                with contextlib.suppress(OSError):
+                    if self.store_root.stat().st_uid == user.pw_uid:
+                        found = (user.pw_uid, user.pw_gid)
+        return None if found is None or found == (0, 0) else found
 
-    def lock_file(self, store_path: str) -> Path:
-        return self.physical(store_path).with_name(store_path.rsplit("/", 1)[1] + ".lock")
 
-    def temp_name(self, key: str) -> str:
-        return f"{TEMP_PREFIX}{os.getpid()}-{os.urandom(4).hex()}-{key}"
+def _running_daemon_owner(flavour: str) -> tuple[int, int] | None:
+    """The effective uid and gid of a running `<flavour>-daemon` process, if one runs."""
+    wanted = f"{flavour}-daemon"
+    with contextlib.suppress(OSError), os.scandir("/proc") as entries:
+        for entry in entries:
+            if not entry.name.isdigit():
+                continue
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                with open(f"/proc/{entry.name}/comm", "rb") as f:
+                    if f.read().strip() != wanted.encode():
+                        continue
+                ids: dict[str, int] = {}
+                with open(f"/proc/{entry.name}/status", "rb") as f:
+                    for line in f:
+                        key, _, rest = line.partition(b":")
+                        if key in (b"Uid", b"Gid"):
+                            ids[key.decode()] = int(rest.split()[1])  # effective id
+                return ids["Uid"], ids["Gid"]
+    return None
 
-    def sweep_temps(self) -> list[str]:
-        """Remove temporary entries left in the store by runs that died; return their names."""
-        removed = []
-        with contextlib.suppress(FileNotFoundError), os.scandir(self.store_root) as entries:
-            for entry in entries:
-                if not entry.name.startswith(TEMP_PREFIX):
-                    continue
-                pid = temp_owner(entry.name, TEMP_PREFIX)
-                if pid is not None and writer_alive(pid):
-                    continue
-                remove_tree(Path(entry.path))
-                removed.append(entry.name)
-        return removed
+
+def parse_owner(text: str) -> tuple[int, int]:
+    """`USER[:GROUP]` or `UID[:GID]` for --owner."""
+    import grp
+
+    user, _, group = text.partition(":")
+    try:
+        pw = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+        uid, gid = pw.pw_uid, pw.pw_gid
+    except KeyError:
+        if not user.isdigit():
+            raise StoreError("no such user", item=user) from None
+        uid, gid = int(user), int(user)
+    if group:
+        try:
+            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise StoreError("no such group", item=group) from None
+    return uid, gid
 
 
 def canonicalise(root: Path) -> None:
-    """Give a tree the daemon's canonical metadata: 0444/0555 files, 0555 dirs, mtime 1."""
+    """Give a tree the daemon's canonical metadata: 0444/0555 files, 0555 dirs, mtime 1.
+    For trees this program builds itself (sample stores, benchmarks), not hostile ones."""
 
     def fix(path: str, st: os.stat_result) -> None:
         if not stat.S_ISLNK(st.st_mode):
@@ -102,18 +138,7 @@ def canonicalise(root: Path) -> None:
 
 
 def remove_tree(path: Path) -> None:
-    """Delete a file or tree whose directories may be read-only (0555, as in the store)."""
-    try:
-        st = path.lstat()
-    except FileNotFoundError:
-        return
-    if not stat.S_ISDIR(st.st_mode):
-        path.unlink()
-        return
-    for root, dirs, _files in os.walk(path):
-        os.chmod(root, 0o700)
-        for d in dirs:
-            full = os.path.join(root, d)
-            if not os.path.islink(full):
-                os.chmod(full, 0o700)
-    shutil.rmtree(path)
+    """Delete a file or tree whose directories may be read-only (0555, as in the store),
+    through descriptors, never following a symlink (see `StoreDir.remove`)."""
+    with StoreDir(path.parent) as parent:
+        parent.remove(path.name).raise_if_failed(str(path))

@@ -17,6 +17,9 @@ HASH_PART_LEN = 32
 _NAME_RE = re.compile(r"[A-Za-z0-9+\-._?=]+")
 _HASH_RE = re.compile(f"[{NIX32_ALPHABET}]{{{HASH_PART_LEN}}}")
 _STORE_DIR_RE = re.compile(r"(/[A-Za-z0-9+\-._]+)+")
+# A chunk key: a store hash part, optionally with a suffix that tells apart two different NARs
+# of one store path (non-reproducible builds saved by different workflows).
+KEY_RE = re.compile(f"[{NIX32_ALPHABET}]{{{HASH_PART_LEN}}}(\\.[{NIX32_ALPHABET}]{{8,52}})?")
 MAX_NAME_LEN = 211  # Nix's limit: the base name must fit in 255 bytes with room for suffixes
 
 

@@ -48,9 +48,12 @@ def run(*args: str | Path, env: dict[str, str] | None = None) -> Result:
 
 
 def validate_manifest(path: Path) -> dict:  # type: ignore[type-arg]
+    """Check a manifest file against the JSON Schema; return it with one dict per item."""
+    from .manifests import to_dicts
+
     doc = json.loads(path.read_text())
     jsonschema.validate(doc, SCHEMA)
-    return doc
+    return to_dicts(doc)
 
 
 @dataclass
