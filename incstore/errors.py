@@ -78,6 +78,16 @@ class RemoteError(IncstoreError):
     summary = "a remote chunk store failed (credentials, missing bucket, unreachable, timeout)"
 
 
+class SignatureError(IncstoreError):
+    exit_code = 14
+    summary = "an item or manifest is not trusted (no valid signature by a trusted key)"
+
+
+class KeyFileError(IncstoreError):
+    exit_code = 15
+    summary = "a key file is unreadable, malformed, or not private enough"
+
+
 EXIT_CODES: dict[int, str] = {
     0: "success",
     1: "internal error (a bug: please report it)",
@@ -96,6 +106,8 @@ EXIT_CODES: dict[int, str] = {
             StoreError,
             ChunkStoreError,
             RemoteError,
+            SignatureError,
+            KeyFileError,
         )
     },
 }
