@@ -3,7 +3,8 @@
 About 100 items and 300 MB to 1 GB: shared libraries (real ELF), groups of real binaries,
 Python module trees with thousands of small files, tiny scripts and `.drv` texts, each item
 with symlinks and a file naming the store paths it depends on, all registered in a daemon DB
-created from the real Guix schema with their true NAR hashes.
+created from the real Guix schema with their true NAR hashes (through bench/daemondb.py and
+bench/narhash.py, not incstore's own modules, which are being rewritten).
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from incstore import db, nar
-from incstore.db import PathInfo
-from incstore.sample import new_store_path
-from incstore.store import Store, canonicalise
+from bench import daemondb, narhash
+from bench.daemondb import Registration
+from bench.guixstore import canonicalise, store_path
 
 LIB_DIRS = [Path("/usr/lib/x86_64-linux-gnu"), Path("/usr/lib/aarch64-linux-gnu")]
 BIN_DIRS = [Path("/usr/bin")]
@@ -75,17 +75,29 @@ def _copy_item(dest: Path, sources: list[Path], refs: list[str], path: str) -> N
     canonicalise(dest)
 
 
-def _register(store: Store, path: str, refs: list[str], time: int) -> PathInfo:
-    digest = nar.dump_hashed(store.physical(path))
-    return PathInfo(path, digest.db_hash, digest.size, time, None, tuple(sorted(refs)))
+class _Store:
+    """Where the items of a store under a prefix live."""
+
+    def __init__(self, prefix: Path) -> None:
+        self.prefix = prefix
+        self.store_root = prefix / "gnu" / "store"
+        self.default_db = daemondb.db_path(prefix)
+
+    def physical(self, path: str) -> Path:
+        return self.prefix / path.lstrip("/")
 
 
-def build(prefix: Path, target_bytes: int, items: int, seed: int = 7) -> list[PathInfo]:
+def _register(store: _Store, path: str, refs: list[str], time: int) -> Registration:
+    nar_hash, nar_size = narhash.digest(store.physical(path))
+    return Registration(path, nar_hash, nar_size, time, None, tuple(sorted(refs)))
+
+
+def build(prefix: Path, target_bytes: int, items: int, seed: int = 7) -> list[Registration]:
     """A bench store of about `items` items and `target_bytes` bytes under `prefix`."""
     rng = random.Random(seed)
-    store = Store(prefix, db.GUIX)
+    store = _Store(prefix)
     store.store_root.mkdir(parents=True, exist_ok=True)
-    infos: list[PathInfo] = []
+    infos: list[Registration] = []
     budget = target_bytes
     small = max(4, items // 6)  # tiny .drv texts and scripts, as a real store has many
     for name, sources in candidates(rng):
@@ -100,28 +112,26 @@ def build(prefix: Path, target_bytes: int, items: int, seed: int = 7) -> list[Pa
         _add(store, infos, rng, name, sources, len(infos))
     for n in range(small):
         _add_text(store, infos, rng, n)
-    db_path = store.default_db
-    db_path.parent.mkdir(parents=True, exist_ok=True)
-    db.create(db_path, db.GUIX, infos)
+    daemondb.create(store.default_db, infos)
     return infos
 
 
-def _pick_refs(rng: random.Random, infos: list[PathInfo]) -> list[str]:
+def _pick_refs(rng: random.Random, infos: list[Registration]) -> list[str]:
     pool = [i.path for i in infos]
     return sorted(rng.sample(pool, min(len(pool), rng.randint(0, 4))))
 
 
-def _add(store: Store, infos: list[PathInfo], rng: random.Random, name: str,
+def _add(store: _Store, infos: list[Registration], rng: random.Random, name: str,
          sources: list[Path], n: int) -> None:
-    path = new_store_path(rng, db.GUIX, name.replace("_", "-")[:60] + "-1.0")
+    path = store_path(rng, name.replace("_", "-")[:60] + "-1.0")
     refs = _pick_refs(rng, infos)
     _copy_item(store.physical(path), sources, refs, path)
     infos.append(_register(store, path, refs, 1_700_000_000 + n))
 
 
-def _add_text(store: Store, infos: list[PathInfo], rng: random.Random, n: int) -> None:
+def _add_text(store: _Store, infos: list[Registration], rng: random.Random, n: int) -> None:
     refs = _pick_refs(rng, infos)
-    path = new_store_path(rng, db.GUIX, f"builder-{n}.drv")
+    path = store_path(rng, f"builder-{n}.drv")
     text = "Derive([(\"out\",\"/gnu/store/x\",\"\",\"\")],[" + ",".join(
         f'("{r}",["out"])' for r in refs) + "],[],\"x86_64-linux\",\"/bin/sh\",[],[])"
     physical = store.physical(path)
@@ -130,19 +140,18 @@ def _add_text(store: Store, infos: list[PathInfo], rng: random.Random, n: int) -
     infos.append(_register(store, path, refs, 1_700_000_000 + len(infos)))
 
 
-def add_update(prefix: Path, count: int, seed: int) -> list[PathInfo]:
+def add_update(prefix: Path, count: int, seed: int) -> list[Registration]:
     """A "package update": `count` new items that depend on existing ones, registered live."""
     rng = random.Random(seed)
-    store = Store(prefix, db.GUIX)
-    existing = db.read_snapshot(store.default_db).infos
-    pool = list(existing.values())
-    new: list[PathInfo] = []
+    store = _Store(prefix)
+    pool = sorted(daemondb.references(store.default_db))
+    new: list[Registration] = []
     trees = [(n, s) for n, s in candidates(rng) if n.startswith("py-")]
     for i in range(count):
         name, sources = trees[i % len(trees)]
-        path = new_store_path(rng, db.GUIX, f"update{seed}-{i}-{name[3:]}"[:60])
-        refs = _pick_refs(rng, pool)
+        path = store_path(rng, f"update{seed}-{i}-{name[3:]}"[:60])
+        refs = sorted(rng.sample(pool, min(len(pool), rng.randint(0, 4))))
         _copy_item(store.physical(path), sources, refs, path)
         new.append(_register(store, path, refs, 1_800_000_000 + i))
-    db.register_in_place(store.default_db, db.GUIX, new)
+    daemondb.register(store.default_db, new)
     return new

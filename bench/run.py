@@ -1,13 +1,36 @@
 """Benchmark: incstore side by side with the monolithic `tar | zstd` cache, in one run.
 
-    python3 bench/run.py [--mb 500] [--items 100] [--reps 3] [--where disk,shm] [--nix] [--s3]
+    python3 bench/run.py [--classic] [--growth [--sizes 100,1000,10000,50000]] [--small-items]
+                         [--manifest-scale [--manifest-items 200000]] [--reps 3]
+                         [--incstore-ref REF] [--nix] [--s3] [--mb 500] [--items 100]
 
-Builds a realistic Guix store (bench/realstore.py), then times each scenario for incstore and for
+Each scenario is timed for incstore (only ever through its CLI, `python3 -m incstore`) and for
 the baseline (`tar -c gnu/store var/guix/db | zstd -T0 -3`, `zstd -d | tar -x`), several times,
-and prints one table: median seconds, ratio incstore/baseline, bytes written, peak memory.
-Restores run into a tmpfs (/dev/shm) and on disk, since disk writes here vary up to 10x between
-runs; compare ratios from one run. With --nix, `nix copy` to and from a file:// binary cache of
-the same items (as a Nix store) is timed as a second peer.
+alternating which goes first; tables show median seconds, the ratio incstore/baseline, bytes
+written and peak memory (of the whole process tree: see bench/measure.py).
+
+Parts (with no part flag: --classic and --growth at the default sizes; timings on this 2-core
+machine with stores already cached under bench/out/stores/, first builds add about a minute):
+
+--classic          The README's scenarios on a realistic store of about 100 large items built
+                   from this machine's files (bench/realstore.py): cold save, warm save of 3
+                   new items, restore into an empty store, 90% present, no-op, each into tmpfs
+                   and on disk (--where). About 4 minutes; --nix and --s3 add peers.
+--growth           The growth curve on Guix-shaped stores (bench/guixstore.py) of --sizes items
+                   (default 100,1000,10000: about 12 minutes; 50000 adds about 25): the same
+                   ~30 large items, the rest small. Scenarios: cold save, save with nothing
+                   new, restore into an empty store, 90% present, no-op (restores into tmpfs,
+                   --growth-where). Writes bench/out/growth.{md,csv,json} and, with matplotlib
+                   (pip install matplotlib==3.11.2), bench/out/growth.png.
+--small-items      The same five scenarios on the 2,076-item reference store shaped like a
+                   user's real one (565 MB of NAR, ~33,000 files), restores into tmpfs and on
+                   disk. About 5 minutes. Writes bench/out/small-items.{md,csv}.
+--manifest-scale   A synthetic --manifest-items manifest (default 200,000) with its chunk
+                   store: times `restore --dry-run` into an empty prefix, `check` and `stats`
+                   (bench/manifestscale.py). About 2 minutes, plus 1-2 to synthesise it once.
+
+--incstore-ref REF times the incstore of a git revision (exported to bench/out/src-<sha>/)
+instead of the working tree, so a run is not disturbed by edits in progress.
 """
 
 from __future__ import annotations
@@ -17,116 +40,27 @@ import json
 import os
 import shlex
 import shutil
-import sqlite3
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
-from bench import realstore
-from incstore import db
-from incstore.store import Store, remove_tree
-
-INCSTORE = [sys.executable, "-m", "incstore"]
-
-
-@dataclass
-class Sample:
-    seconds: float
-    peak_kb: int
-
-
-@dataclass
-class Row:
-    scenario: str
-    where: str
-    ours: list[Sample] = field(default_factory=list)
-    base: list[Sample] = field(default_factory=list)
-    ours_bytes: int = 0
-    base_bytes: int = 0
-
-    @staticmethod
-    def med(samples: list[Sample]) -> float:
-        return statistics.median(s.seconds for s in samples)
-
-    @staticmethod
-    def peak(samples: list[Sample]) -> float:
-        return max(s.peak_kb for s in samples) / 1024
-
-
-GNU_TIME = shutil.which("time") or "/usr/bin/time"
-
-
-def timed(cmd: list[str] | str) -> Sample:
-    """Run a command, return wall seconds and the peak RSS of it and its children.
-
-    The RSS comes from GNU time, a small parent: a child forked straight from this process
-    would start its high-water mark at this process's own size.
-    """
-    argv = ["bash", "-c", cmd] if isinstance(cmd, str) else cmd
-    with tempfile.NamedTemporaryFile("r") as rss:
-        start = time.perf_counter()
-        proc = subprocess.run([GNU_TIME, "-o", rss.name, "-f", "%M", *argv],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
-        elapsed = time.perf_counter() - start
-        if proc.returncode != 0:
-            raise SystemExit(f"failed: {cmd}\n{proc.stderr.decode()}")
-        return Sample(elapsed, int(rss.read().split()[-1]))
-
-
-def du(path: Path) -> int:
-    if not path.exists():
-        return 0
-    if path.is_file():
-        return path.stat().st_size
-    return sum(f.lstat().st_size for f in path.rglob("*") if f.is_file())
-
-
-def wipe(path: Path) -> None:
-    if path.exists():
-        remove_tree(path)
-
-
-def sync() -> None:
-    os.sync()
-
-
-def drop_leaves(prefix: Path, fraction: float) -> int:
-    """Make `fraction` of a restored store's items missing again (leaves, so it stays closed)."""
-    store = Store(prefix, db.GUIX)
-    infos = db.read_snapshot(store.default_db).infos
-    referenced = {r for i in infos.values() for r in i.references if r != i.path}
-    leaves = sorted(p for p in infos if p not in referenced)
-    victims = leaves[: max(1, int(len(infos) * fraction))]
-    conn = sqlite3.connect(store.default_db)
-    with conn:
-        conn.executemany("delete from ValidPaths where path = ?", [(p,) for p in victims])
-    conn.close()
-    for path in victims:
-        remove_tree(store.physical(path))
-    return sum(infos[p].nar_size for p in victims)
-
-
-def pair(row: Row, rep: int, ours: list[str], base: str) -> None:
-    """Time incstore and the baseline back to back, alternating which goes first, so a slow
-    patch of the disk does not always fall on the same side."""
-    runs = [(row.ours, ours), (row.base, base)]
-    for samples, cmd in runs if rep % 2 == 0 else runs[::-1]:
-        sync()
-        samples.append(timed(cmd))
-
-
-def tar_create(prefix: Path, archive: Path) -> str:
-    return (f"tar -C {prefix} -c gnu/store var/guix/db | zstd -q -T0 -3 -f -o {archive}")
-
-
-def tar_extract(archive: Path, dest: Path) -> str:
-    return f"mkdir -p {dest} && zstd -q -d -c {archive} | tar -C {dest} -x"
+from bench import daemondb, realstore  # noqa: E402
+from bench.measure import (  # noqa: E402
+    INCSTORE,
+    Row,
+    du,
+    pair,
+    table,
+    tar_create,
+    tar_extract,
+    timed,
+    wipe,
+)
 
 
 def bench(args: argparse.Namespace) -> list[Row]:
@@ -140,7 +74,7 @@ def bench(args: argparse.Namespace) -> list[Row]:
         files = sum(1 for _ in (src / "gnu/store").rglob("*"))
         print(f"{len(infos)} items, {nar_bytes / 2**20:.0f} MiB of NAR, {files} files",
               file=sys.stderr)
-        db_path = Store(src, db.GUIX).default_db
+        db_path = daemondb.db_path(src)
         cache = work / "cache"
         archive = work / "store.tar.zst"
 
@@ -152,7 +86,8 @@ def bench(args: argparse.Namespace) -> list[Row]:
         row = Row("cold save", "disk")
         for rep in range(args.reps):
             wipe(cache)
-            pair(row, rep, save(work / "m.json"), tar_create(src, archive))
+            pair(row, rep, save(work / "m.json"), tar_create(src, archive),
+                 reset=lambda: wipe(cache))
         row.ours_bytes, row.base_bytes = du(cache) + du(work / "m.json"), du(archive)
         rows.append(row)
 
@@ -161,7 +96,7 @@ def bench(args: argparse.Namespace) -> list[Row]:
         for rep in range(args.reps):
             realstore.add_update(src, 3, seed=1000 + rep)
             before = du(cache)
-            pair(row, rep, save(work / f"m{rep}.json"), tar_create(src, archive))
+            pair(row, rep, save(work / f"m{rep}.json"), tar_create(src, archive), retry=False)
             row.ours_bytes = du(cache) - before + du(work / f"m{rep}.json")
             row.base_bytes = du(archive)
         rows.append(row)
@@ -175,20 +110,23 @@ def bench(args: argparse.Namespace) -> list[Row]:
             restore_cmd = [*INCSTORE, "restore", "--manifest", str(manifest), "--cache",
                            str(cache), "--prefix", str(dst)]
 
+            def empty(dst: Path = dst, base_dst: Path = base_dst) -> None:
+                wipe(dst)
+                wipe(base_dst)
+
             try:
                 # 3. restore into an empty store
                 row = Row("restore, empty store", where)
                 for rep in range(args.reps):
-                    wipe(dst)
-                    wipe(base_dst)
-                    pair(row, rep, restore_cmd, tar_extract(archive, base_dst))
+                    empty()
+                    pair(row, rep, restore_cmd, tar_extract(archive, base_dst), reset=empty)
                 row.ours_bytes = row.base_bytes = du(dst)
                 rows.append(row)
                 # 4. restore into a store that holds 90% of the items
                 row = Row("restore, 90% present", where)
                 for rep in range(args.reps):
-                    row.ours_bytes = drop_leaves(dst, 0.10)
-                    pair(row, rep, restore_cmd, tar_extract(archive, base_dst))
+                    row.ours_bytes = daemondb.drop(dst, 0.10).nar_bytes
+                    pair(row, rep, restore_cmd, tar_extract(archive, base_dst), retry=False)
                 row.base_bytes = du(base_dst)
                 rows.append(row)
                 # 5. no-op restore: everything present
@@ -253,7 +191,7 @@ def s3_scenarios(work: Path, src: Path, archive: Path, args: argparse.Namespace)
     os.environ.update(env)
     time.sleep(1)
     copy = [sys.executable, str(Path(__file__).with_name("s3copy.py"))]
-    db_path = Store(src, db.GUIX).default_db
+    db_path = daemondb.db_path(src)
     rows = [Row("S3 cold save", "disk"), Row("S3 restore, empty store", "shm"),
             Row("S3 restore, 90% present", "shm")]
     dst = Path(tempfile.mkdtemp(prefix="incstore-bench-s3-", dir=args.shm_dir))
@@ -265,17 +203,17 @@ def s3_scenarios(work: Path, src: Path, archive: Path, args: argparse.Namespace)
                         "--cache", cache, "--name", "b"]
             base_save = (f"{tar_create(src, archive)} && {shlex.join(copy)} put {archive} "
                          f"s3://bench/archive{rep}.tar.zst")
-            pair(rows[0], rep, save_cmd, base_save)
+            pair(rows[0], rep, save_cmd, base_save, retry=False)
             restore_cmd = [*INCSTORE, "restore", "--name", "b", "--cache", cache,
                            "--prefix", str(dst / "r")]
             base_restore = (f"{shlex.join(copy)} get s3://bench/archive{rep}.tar.zst "
                             f"{dst}/a.tar.zst && {tar_extract(dst / 'a.tar.zst', base_dst)}")
             wipe(dst / "r")
             wipe(base_dst)
-            pair(rows[1], rep, restore_cmd, base_restore)
-            rows[2].ours_bytes = drop_leaves(dst / "r", 0.10)
+            pair(rows[1], rep, restore_cmd, base_restore, retry=False)
+            rows[2].ours_bytes = daemondb.drop(dst / "r", 0.10).nar_bytes
             wipe(base_dst)
-            pair(rows[2], rep, restore_cmd, base_restore)
+            pair(rows[2], rep, restore_cmd, base_restore, retry=False)
         rows[0].ours_bytes = du(data / "bench" / f"run{args.reps - 1}")
         rows[0].base_bytes = du(archive)
         rows[1].ours_bytes = rows[1].base_bytes = du(dst / "r")
@@ -287,50 +225,128 @@ def s3_scenarios(work: Path, src: Path, archive: Path, args: argparse.Namespace)
     return rows
 
 
-def table(rows: list[Row]) -> str:
-    head = ("| scenario | where | incstore s | baseline s | ratio | incstore bytes | "
-            "baseline bytes | incstore peak MB | baseline peak MB |")
-    lines = [head, "|" + "---|" * 9]
-    for r in rows:
-        ours = Row.med(r.ours)
-        if r.base:
-            base, ratio = Row.med(r.base), f"{Row.med(r.ours) / Row.med(r.base):.3f}"
-            base_s, base_peak = f"{base:.2f}", f"{Row.peak(r.base):.0f}"
-        else:
-            base_s = ratio = base_peak = "-"
-        lines.append(f"| {r.scenario} | {r.where} | {ours:.2f} | {base_s} | {ratio} | "
-                     f"{r.ours_bytes:,} | {r.base_bytes:,} | {Row.peak(r.ours):.0f} | "
-                     f"{base_peak} |")
-    return "\n".join(lines)
+def use_incstore(ref: str | None) -> str:
+    """Make every timed `python3 -m incstore` run the working tree's incstore, or that of git
+    revision `ref` (exported once to bench/out/src-<sha>/); returns what is timed."""
+    source = ROOT
+    label = "working tree"
+    if ref is not None:
+        sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", f"{ref}^{{commit}}"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        source = ROOT / "bench" / "out" / f"src-{sha[:12]}"
+        if not (source / "incstore" / "schema").is_dir():
+            tmp = source.with_name(source.name + ".tmp")
+            wipe(tmp)
+            tmp.mkdir(parents=True)
+            archive = subprocess.run(["git", "-C", str(ROOT), "archive", sha, "incstore",
+                                      "schema"], capture_output=True, check=True).stdout
+            subprocess.run(["tar", "-C", str(tmp), "-x"], input=archive, check=True)
+            # the installed package maps incstore.schema to schema/: do the same by copying
+            shutil.copytree(tmp / "schema", tmp / "incstore" / "schema")
+            wipe(source)
+            os.rename(tmp, source)
+        label = f"{ref} ({sha[:12]})"
+    # the timed processes (and the manifest canary) import incstore from here first
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [str(source), *filter(None, [os.environ.get("PYTHONPATH")])])
+    # as `pip install` does: byte-compile, so startup is not charged for compiling
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(source / "incstore")],
+                   check=True)
+    found = subprocess.run([*INCSTORE, "--version"], capture_output=True, text=True,
+                           cwd="/", check=True).stdout.strip()
+    where = subprocess.run([sys.executable, "-c", "import incstore; print(incstore.__file__)"],
+                           capture_output=True, text=True, cwd="/", check=True).stdout.strip()
+    return f"{found}, {label}: {where}"
+
+
+def _sizes(text: str) -> list[int]:
+    return sorted({int(s.replace("_", "")) for s in text.split(",") if s.strip()})
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--mb", type=int, default=500, help="target store size in MiB")
-    parser.add_argument("--items", type=int, default=100)
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--where", default="shm,disk", type=lambda s: s.split(","))
-    parser.add_argument("--disk-dir", default="/var/tmp")
-    parser.add_argument("--shm-dir", default="/dev/shm")
-    parser.add_argument("--nix", action="store_true", help="add nix copy as a second peer")
-    parser.add_argument("--s3", action="store_true",
-                        help="add save and restore through a local S3 server (localbucket)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], epilog="See the module docstring (bench/run.py) for "
+        "what each part measures and how long it takes.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    part = parser.add_argument_group("parts (none given: --classic and --growth)")
+    part.add_argument("--classic", action="store_true",
+                      help="the README's scenarios on the ~100-item realistic store (~4 min)")
+    part.add_argument("--growth", action="store_true",
+                      help="growth curve over --sizes on Guix-shaped stores (~12 min at the "
+                      "default sizes; 50000 adds ~25); writes bench/out/growth.{md,csv,png}")
+    part.add_argument("--small-items", action="store_true",
+                      help="the five scenarios on the 2,076-item reference store, tmpfs and "
+                      "disk (~5 min); writes bench/out/small-items.{md,csv}")
+    part.add_argument("--manifest-scale", action="store_true",
+                      help="restore --dry-run, check and stats on a synthetic manifest of "
+                      "--manifest-items items (~2 min, plus ~2 to synthesise it once)")
+    parser.add_argument("--sizes", default="100,1000,10000", type=_sizes,
+                        help="item counts of the growth curve [default: 100,1000,10000]")
+    parser.add_argument("--growth-where", default="shm", type=lambda s: s.split(","),
+                        help="where growth restores go: shm, disk or both [default: shm]")
+    parser.add_argument("--manifest-items", type=int, default=200_000)
+    parser.add_argument("--seed", type=int, default=7, help="seed of the Guix-shaped stores")
+    parser.add_argument("--reps", type=int, default=3, help="runs per scenario [default: 3]")
+    parser.add_argument("--incstore-ref", metavar="REF",
+                        help="time the incstore of this git revision instead of the working tree")
+    classic = parser.add_argument_group("--classic options")
+    classic.add_argument("--mb", type=int, default=500, help="target store size in MiB")
+    classic.add_argument("--items", type=int, default=100)
+    classic.add_argument("--where", default="shm,disk", type=lambda s: s.split(","))
+    classic.add_argument("--nix", action="store_true", help="add nix copy as a second peer")
+    classic.add_argument("--s3", action="store_true",
+                         help="add save and restore through a local S3 server (localbucket)")
+    classic.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--disk-dir", default="/var/tmp", type=Path)
+    parser.add_argument("--shm-dir", default="/dev/shm", type=Path)
     parser.add_argument("--json", type=Path, help="also write the raw samples here")
-    parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
     if shutil.which("zstd") is None or shutil.which("tar") is None:
         raise SystemExit("bench needs tar and zstd (apt-get install zstd)")
     if args.nix and shutil.which("nix") is None:
         raise SystemExit("--nix needs Debian's nix-bin")
-    # as `pip install` does: byte-compile, so startup is not charged for compiling
-    subprocess.run([sys.executable, "-m", "compileall", "-q",
-                    str(Path(__file__).resolve().parent.parent / "incstore")], check=True)
-    rows = bench(args)
-    print(table(rows))
+    if not any((args.classic, args.growth, args.small_items, args.manifest_scale)):
+        args.classic = args.growth = True
+    from bench import growth, manifestscale
+
+    print(f"timing {use_incstore(args.incstore_ref)}", file=sys.stderr)
+    started = time.perf_counter()
+    report: list[str] = []
+    rows: list[Row] = []
+
+    def section(title: str, text: str, took: float) -> None:
+        block = f"## {title} ({took / 60:.1f} min)\n\n{text}\n"
+        report.append(block)
+        print(block, flush=True)
+
+    if args.classic:
+        t = time.perf_counter()
+        classic_rows = bench(args)
+        rows += classic_rows
+        section("Classic: realistic store", table(classic_rows), time.perf_counter() - t)
+    if args.small_items:
+        t = time.perf_counter()
+        ref_rows = growth.reference(args.reps, ["shm", "disk"], args.disk_dir, args.shm_dir,
+                                    args.seed)
+        rows += ref_rows
+        section("2,076-item reference store", (growth.OUT / "small-items.md").read_text(),
+                time.perf_counter() - t)
+    if args.growth:
+        t = time.perf_counter()
+        growth_rows = growth.growth(args.sizes, args.reps, args.growth_where, args.disk_dir,
+                                    args.shm_dir, args.seed)
+        rows += growth_rows
+        section("Growth curve", (growth.OUT / "growth.md").read_text(), time.perf_counter() - t)
+    if args.manifest_scale:
+        t = time.perf_counter()
+        syn, scale_rows = manifestscale.run(args.manifest_items, args.reps, args.shm_dir)
+        rows += scale_rows
+        text = manifestscale.report(syn, scale_rows)
+        (growth.OUT / "manifest-scale.md").write_text(text)
+        section("Manifest scale", text, time.perf_counter() - t)
+    print(f"total {(time.perf_counter() - started) / 60:.1f} min", file=sys.stderr)
     if args.json:
-        args.json.write_text(json.dumps([r.__dict__ | {"ours": [s.__dict__ for s in r.ours],
-                                                       "base": [s.__dict__ for s in r.base]}
-                                         for r in rows], indent=1))
+        args.json.write_text(json.dumps([r.to_json() for r in rows], indent=1))
 
 
 if __name__ == "__main__":
