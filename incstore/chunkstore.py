@@ -30,7 +30,7 @@ import zstandard
 from incstore.backend import Backend, Entry, Reader, open_backend
 from incstore.errors import ChunkCorruptError, ChunkMissingError, ChunkStoreError, ManifestError
 from incstore.manifest import NAME_RE, check_name
-from incstore.storepath import KEY_RE
+from incstore.storepath import KEY_RE, nix32_encode
 
 CACHE_INFO = "nix-cache-info"
 NAR_DIR = "nar"
@@ -102,6 +102,22 @@ class NarInfo:
             raise ChunkStoreError(f"narinfo is malformed: {e}", item=key) from e
 
 
+def describes(text: str, path: str, nar_hash: str, nar_size: int,
+              references: tuple[str, ...]) -> bool:
+    """Whether a narinfo's signed fields (those before any `Signature:`) say exactly this of
+    an item: its path, NAR hash (`sha256:<hex>` as the DB has it), NAR size and references."""
+    fields: dict[str, str] = {}
+    for line in text.split("Signature:", 1)[0].splitlines():
+        name, sep, value = line.partition(": ")
+        if sep:
+            fields.setdefault(name, value)
+    digest = "sha256:" + nix32_encode(bytes.fromhex(nar_hash.removeprefix("sha256:")))
+    return (fields.get("StorePath") == path and fields.get("NarHash") == digest
+            and fields.get("NarSize") == str(nar_size)
+            and sorted(fields.get("References", "").split())
+            == sorted(r.rsplit("/", 1)[1] for r in references))
+
+
 @dataclass(frozen=True)
 class ChunkDigest:
     """What reading a whole chunk tells: its file size and xxh3, its NAR's sha256 and size."""
@@ -120,6 +136,8 @@ def check_key(key: str) -> str:
 
 PENDING_DIR = f"{MANIFEST_DIR}/pending"
 QUARANTINE_DIR = "quarantine"
+UPSTREAM_DIR = "guix"  # upstream Guix narinfos, kept beside the chunks of their items
+SIG_SUFFIX = ".sig"  # a manifest's detached signature: manifests/<name>.json.sig
 
 
 class ChunkStore:
@@ -294,6 +312,7 @@ class ChunkStore:
         if not self.backend.delete_if_older(self.chunk_name(key), cutoff):
             return False
         self.backend.delete(self.narinfo_name(key))
+        self.backend.delete(self.upstream_name(key))
         return True
 
     def manifests(self) -> dict[str, Entry]:
@@ -313,11 +332,29 @@ class ChunkStore:
         except FileNotFoundError as e:
             raise ManifestError("no manifest of that name in the chunk store", item=name) from e
 
+    def read_manifest_sig(self, name: str) -> bytes | None:
+        """The detached signature beside a named manifest, if there is one."""
+        try:
+            return self.backend.read(self.manifest_name(name) + SIG_SUFFIX)
+        except (FileNotFoundError, ChunkStoreError):
+            return None
+
+    def write_manifest_sig(self, name: str, data: bytes) -> None:
+        self.backend.write(self.manifest_name(name) + SIG_SUFFIX, data)
+
+    def upstream_name(self, key: str) -> str:
+        return f"{UPSTREAM_DIR}/{check_key(key)}.narinfo"
+
+    def write_upstream_narinfo(self, key: str, text: str) -> None:
+        """Keep the signed narinfo the substitute server gave for this chunk's item (Guix)."""
+        self.backend.write(self.upstream_name(key), text.encode())
+
     def has_manifest(self, name: str) -> bool:
         return self.backend.stat(self.manifest_name(name)) is not None
 
     def delete_manifest(self, name: str) -> None:
         self.backend.delete(self.manifest_name(name))
+        self.backend.delete(self.manifest_name(name) + SIG_SUFFIX)
 
     def write_pending(self, keys: Iterable[str]) -> str:
         """Announce the chunks a running save will name, before it writes or reuses any, so that

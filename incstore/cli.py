@@ -17,12 +17,12 @@ from typing import Any, NoReturn
 
 import click
 
-from incstore import __version__, db, manifest
+from incstore import __version__, db, manifest, signature, trust
 from incstore.check import check
 from incstore.chunkstore import ChunkStore
 from incstore.errors import IncstoreError, StoreError
 from incstore.gc import DEFAULT_GRACE, execute_gc, plan_gc, read_named
-from incstore.restore import execute_restore, plan_restore
+from incstore.restore import RestorePlan, execute_restore, plan_restore
 from incstore.save import DEFAULT_LEVEL, execute_save, plan_save, previous_manifest
 from incstore.stats import diff, stats
 from incstore.store import Store, parse_owner
@@ -82,13 +82,35 @@ def cli() -> None:
 
 
 def _load_manifest(manifest_path: Path | None, name: str | None, cache: str
-                   ) -> manifest.Manifest:
+                   ) -> tuple[manifest.Manifest, bytes, bytes | None]:
+    """The manifest, its exact bytes and its detached signature (None if there is none)."""
     if (manifest_path is None) == (name is None):
         raise click.UsageError("give exactly one of --manifest FILE and --name NAME")
-    if manifest_path is not None:
-        return manifest.load(manifest_path)
-    assert name is not None
-    return manifest.from_bytes(ChunkStore(cache).read_manifest(name), name)
+    chunks = ChunkStore(cache)
+    for _ in range(3):
+        # the signature is read on both sides of the manifest: a save replacing the two
+        # between our reads shows as a change, and the pair is read again
+        if manifest_path is not None:
+            sig = _read_sig(manifest_path.with_name(manifest_path.name + ".sig"))
+            data = manifest.read_file(manifest_path)
+            again = _read_sig(manifest_path.with_name(manifest_path.name + ".sig"))
+        else:
+            assert name is not None
+            sig = chunks.read_manifest_sig(name)
+            data = chunks.read_manifest(name)
+            again = chunks.read_manifest_sig(name)
+        if sig == again:
+            break
+    return manifest.from_bytes(data, str(manifest_path or name)), data, again
+
+
+def _read_sig(path: Path) -> bytes | None:
+    from incstore import regularfile
+
+    try:
+        return regularfile.read(path, 1 << 20)
+    except OSError:
+        return None
 
 
 name_option = click.option(
@@ -117,11 +139,17 @@ name_option = click.option(
               help="Keep items of the previous manifest of the same name (or file) that the "
               "store lacks, while their chunks are held, for this many days after they were "
               "last seen in a saved store (a failed restore must not shrink the cache).")
+@click.option("--sign-key", type=click.Path(path_type=Path), default=None, metavar="FILE",
+              envvar="INCSTORE_SIGN_KEY_FILE", show_envvar=True,
+              help="Sign narinfos and the manifest with this secret key file (a Nix key from "
+              "`incstore keygen` or nix-store --generate-binary-cache-key, or a Guix "
+              "signing-key.sec); it must not be readable by group or others.")
 @click.option("--dry-run", is_flag=True, help="Print what would be written and stop.")
 @json_option
 def save(db_path: Path, prefix: Path, cache: str | None, manifest_path: Path | None,
          name: str | None, closure_of: tuple[str, ...], exclude_db: tuple[Path, ...], jobs: int,
-         level: int, carry_days: float, dry_run: bool, as_json: bool) -> None:
+         level: int, carry_days: float, sign_key: Path | None, dry_run: bool,
+         as_json: bool) -> None:
     """Save the store's valid paths into the chunk store and write a manifest."""
     if manifest_path is None and name is None:
         raise click.UsageError("give --manifest FILE, --name NAME, or both")
@@ -136,8 +164,9 @@ def save(db_path: Path, prefix: Path, cache: str | None, manifest_path: Path | N
         _emit(as_json, doc, f"would write {len(doc['write'])} chunk(s), reuse "
                             f"{len(doc['reuse'])}, of {doc['items']} item(s)")
         return
+    secret = signature.read_secret_key(sign_key) if sign_key is not None else None
     result = execute_save(plan, manifest_path, name=name, jobs=jobs, level=level,
-                          progress=_progress(len(plan.to_write), "saved"))
+                          progress=_progress(len(plan.to_write), "saved"), sign_key=secret)
     doc = result.to_json()
     where = " and ".join(w for w in (str(manifest_path) if manifest_path else "",
                                      f"manifests/{name}.json" if name else "") if w)
@@ -167,27 +196,57 @@ def save(db_path: Path, prefix: Path, cache: str | None, manifest_path: Path | N
 @click.option("--owner", default=None, metavar="USER[:GROUP]",
               help="Owner of restored files [default: the daemon's user: root, or the user an "
               "unprivileged daemon runs as].")
+@click.option("--trusted-key", "trusted_keys", multiple=True, metavar="KEY",
+              help="Trust this key: NAME:base64, a Nix public key file, or a Guix "
+              "signing-key.pub (repeatable; also INCSTORE_TRUSTED_KEYS, space-separated). "
+              "With any trust root, only what a trusted key signed is restored.")
+@click.option("--trust-guix-acl", is_flag=False, flag_value=str(trust.DEFAULT_GUIX_ACL),
+              default=None, metavar="[FILE]",
+              help=f"Trust the keys the Guix daemon trusts (default {trust.DEFAULT_GUIX_ACL}).")
+@click.option("--trust-nix-conf", is_flag=True,
+              help="Trust nix.conf's trusted-public-keys ($NIX_CONF_DIR/nix.conf).")
+@click.option("--max-age", default=None, metavar="DURATION",
+              help="Refuse a signed manifest created longer ago than this (e.g. 30d), to limit "
+              "a rollback to an older signed manifest.")
+@click.option("--require-signed-manifest", is_flag=True,
+              help="With trust roots: refuse the restore unless the manifest itself is signed "
+              "by a trusted key (no falling back to item signatures).")
 @jobs_option
 @click.option("--dry-run", is_flag=True, help="Print the plan and stop.")
 @json_option
 def restore(manifest_path: Path | None, name: str | None, cache: str | None, prefix: Path,
             db_path: Path | None, db_out: Path | None, db_mode: str, in_place: bool,
-            owner: str | None, jobs: int, dry_run: bool, as_json: bool) -> None:
+            owner: str | None, trusted_keys: tuple[str, ...], trust_guix_acl: str | None,
+            trust_nix_conf: bool, max_age: str | None, require_signed_manifest: bool,
+            jobs: int, dry_run: bool, as_json: bool) -> None:
     """Extract the manifest's missing items, verify them and register them."""
     if db_out and (in_place or db_mode != "auto"):
         raise click.UsageError("--db-out excludes --in-place and --db-mode")
+    try:
+        age = trust.parse_duration(max_age) if max_age is not None else None
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--max-age") from None
+    roots = trust.load_roots(trusted_keys, env=os.environ.get("INCSTORE_TRUSTED_KEYS"),
+                             guix_acl=Path(trust_guix_acl) if trust_guix_acl else None,
+                             nix_conf=trust.nix_conf_path() if trust_nix_conf else None)
+    if require_signed_manifest and not roots.active:
+        raise click.UsageError("--require-signed-manifest needs a trust root (--trusted-key...)")
     cache = cache or default_cache()
-    loaded = _load_manifest(manifest_path, name, cache)
+    loaded, data, sig = _load_manifest(manifest_path, name, cache)
+    policy = trust.Policy(roots, expected_name=name, max_age=age,
+                          require_manifest=require_signed_manifest)
     plan = plan_restore(loaded, prefix, cache, db_path=db_path, db_out=db_out,
                         db_mode="in-place" if in_place else db_mode,  # type: ignore[arg-type]
-                        owner=parse_owner(owner) if owner else None)
+                        owner=parse_owner(owner) if owner else None, policy=policy,
+                        data=data, sig=sig)
     if dry_run:
         doc = plan.to_json()
         human = "\n".join(
             [f"{action:8} {path}" for action in ("extract", "replace", "present")
              for path in doc[action]]
+            + [f"refused  {one_line(r)}" for r in doc["refused"]]
             + [f"would extract {len(doc['extract']) + len(doc['replace'])} of {doc['items']} "
-               f"item(s) into {doc['store']}"]
+               f"item(s) into {doc['store']}; {_trust_line(plan)}"]
         )
         _emit(as_json, doc, human)
         return
@@ -197,8 +256,19 @@ def restore(manifest_path: Path | None, name: str | None, cache: str | None, pre
     for warning in result.warnings:
         click.echo(f"warning: {one_line(warning)}", err=True)
     _emit(as_json, doc, f"restored {doc['extracted']} item(s), {doc['present']} already present, "
-                        f"registered {doc['registered']} in {doc['db']}")
+                        f"registered {doc['registered']} in {doc['db']}; {_trust_line(plan)}")
     _finish(result.error())
+
+
+def _trust_line(plan: RestorePlan) -> str:
+    verdict = plan.trust
+    if not verdict.active:
+        return "trusted: no (no trust root given: hashes were checked, origin was not)"
+    if verdict.signer:
+        return f"trusted: yes (manifest signed by {verdict.signer})"
+    refused = f", {len(verdict.refused)} refused" if verdict.refused else ""
+    return (f"trusted: {'no' if verdict.refused else 'yes'} (the manifest {verdict.problem}; "
+            f"items checked one by one{refused})")
 
 
 @cli.command()
@@ -313,6 +383,20 @@ def diff_cmd(cache: str | None, a: str, b: str, as_json: bool) -> None:
          f"{len(report.only_a)} only in {a} ({report.bytes_only_a:,} bytes), "
          f"{len(report.only_b)} only in {b} ({report.bytes_only_b:,} bytes), "
          f"{len(report.common)} in both ({report.bytes_common:,} bytes)"]))
+
+
+@cli.command()
+@click.argument("name")
+@click.argument("secret_file", type=click.Path(path_type=Path))
+@click.argument("public_file", type=click.Path(path_type=Path))
+@click.option("--guix", "guix_format", is_flag=True,
+              help="Write a Guix key pair (signing-key.sec / signing-key.pub s-expressions) "
+              "instead of a Nix one; NAME is then ignored.")
+def keygen(name: str, secret_file: Path, public_file: Path, guix_format: bool) -> None:
+    """Write a signing key pair: Nix's format (NAME:base64, as nix-store
+    --generate-binary-cache-key writes it) unless --guix. The secret file is mode 0600."""
+    signature.write_key_pair(name, secret_file, public_file, guix=guix_format)
+    click.echo(f"wrote {secret_file} (secret, mode 0600) and {public_file}", err=True)
 
 
 @cli.command()

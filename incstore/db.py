@@ -215,8 +215,8 @@ def read_snapshot(db_path: Path) -> Snapshot:
     return snapshot
 
 
-def valid_paths(db_path: Path, flavour: Flavour) -> dict[str, str]:
-    """Map of valid path to hash in an existing DB, checked to be of `flavour`."""
+def _rows(db_path: Path, flavour: Flavour, query: str) -> Iterator[tuple[str, ...]]:
+    """The rows of `query` on an existing DB, checked to be of `flavour`, streamed."""
     conn = _connect_ro(db_path)
     try:
         found = detect_flavour(conn, db_path)
@@ -225,29 +225,22 @@ def valid_paths(db_path: Path, flavour: Flavour) -> dict[str, str]:
                 f"is a {found.name} DB but the manifest is for a {flavour.name} store",
                 item=str(db_path),
             )
-        return dict(conn.execute("select path, hash from ValidPaths").fetchall())
+        yield from conn.execute(query)
     except sqlite3.Error as e:
         raise _error(e, db_path, "reading it") from e
     finally:
         conn.close()
+
+
+def valid_paths(db_path: Path, flavour: Flavour) -> dict[str, str]:
+    """Map of valid path to hash in an existing DB, checked to be of `flavour`."""
+    return dict(_rows(db_path, flavour, "select path, hash from ValidPaths"))  # type: ignore[arg-type]
 
 
 def iter_valid_paths(db_path: Path, flavour: Flavour) -> Iterator[str]:
     """Every valid path of an existing DB of `flavour`, streamed (no list of them is built)."""
-    conn = _connect_ro(db_path)
-    try:
-        found = detect_flavour(conn, db_path)
-        if found != flavour:
-            raise DatabaseError(
-                f"is a {found.name} DB but the manifest is for a {flavour.name} store",
-                item=str(db_path),
-            )
-        for (path,) in conn.execute("select path from ValidPaths"):
-            yield path
-    except sqlite3.Error as e:
-        raise _error(e, db_path, "reading it") from e
-    finally:
-        conn.close()
+    for (path,) in _rows(db_path, flavour, "select path from ValidPaths"):
+        yield path
 
 
 def is_valid(db_path: Path, path: str) -> bool:

@@ -175,6 +175,9 @@ def digest(chunks: ChunkStore) -> str:
         h.update(f"manifest {name} ".encode())
         with contextlib.suppress(IncstoreError):
             h.update(hashlib.sha256(chunks.read_manifest(name)).hexdigest().encode())
+        sig = chunks.read_manifest_sig(name)
+        if sig is not None:
+            h.update(b" " + hashlib.sha256(sig).hexdigest().encode())
         h.update(b"\n")
     return h.hexdigest()
 

@@ -24,8 +24,9 @@ final store name:
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
@@ -33,7 +34,7 @@ from typing import Any, Literal
 import xxhash
 import zstandard
 
-from incstore import atomicfile, db, faults, nar
+from incstore import atomicfile, db, faults, mountns, nar
 from incstore.backend import Reader
 from incstore.chunkstore import ChunkStore
 from incstore.errors import (
@@ -50,6 +51,7 @@ from incstore.manifest import ChunkRef, Manifest
 from incstore.pool import bounded_map
 from incstore.store import Store
 from incstore.storedir import ItemLock, StoreDir, is_plain
+from incstore.trust import Policy, Roots, Verdict, judge
 
 Progress = Callable[[str, str], None]
 DbMode = Literal["auto", "swap", "out", "in-place"]
@@ -79,6 +81,8 @@ class RestorePlan:
     # external references (see Manifest.external) that the target store does not have
     missing_external: tuple[str, ...] = ()
     owner: tuple[int, int] | None = None  # None: decided at execution (Store.daemon_owner)
+    trust: Verdict = field(default_factory=Verdict)
+    roots: Roots = field(default_factory=Roots)
 
     def indices(self, *actions: Action) -> list[int]:
         wanted = {_ACTIONS.index(a) for a in actions}
@@ -105,7 +109,16 @@ class RestorePlan:
             "replace": self.paths(Action.REPLACE),
             "nar_bytes_to_extract": sum(self.manifest.nar_size(n) for n in extract),
             "missing_external": list(self.missing_external),
+            "trusted": self.trusted,
+            "trust": self.trust.to_json(self.roots),
+            "refused": [f"{self.manifest.paths[n]}: {why}"
+                        for n, why in sorted(self.trust.refused.items())],
         }
+
+    @property
+    def trusted(self) -> bool:
+        """Whether every item the restore brings in is vouched for by a trusted key."""
+        return self.trust.active and not self.trust.refused
 
 
 def plan_restore(
@@ -118,7 +131,13 @@ def plan_restore(
     db_mode: DbMode | None = None,
     in_place: bool = False,
     owner: tuple[int, int] | None = None,
+    policy: Policy | None = None,
+    data: bytes = b"",
+    sig: bytes | None = None,
 ) -> RestorePlan:
+    """Plan a restore. With a `policy` whose roots are active, the manifest (`data`, its exact
+    bytes, and `sig`, its detached signature) and each item to extract are checked here,
+    before anything is written (see `incstore.trust`)."""
     store = Store(prefix, manifest.flavour)
     target = db_path or store.default_db
     count = len(manifest)
@@ -141,7 +160,13 @@ def plan_restore(
     missing = tuple(p for p in manifest.external
                     if p not in valid_external or not store.exists(p))
     mode: DbMode = ("out" if db_out else "in-place" if in_place else db_mode or "auto")
-    return RestorePlan(manifest, store, cache, target, mode, db_out, actions, missing, owner)
+    verdict = Verdict()
+    roots = policy.roots if policy is not None else Roots()
+    if policy is not None and roots.active:
+        extract = [n for n in range(count) if _ACTIONS[actions[n]] != Action.PRESENT]
+        verdict = judge(policy, manifest, data, sig, ChunkStore(cache), extract)
+    return RestorePlan(manifest, store, cache, target, mode, db_out, actions, missing, owner,
+                       verdict, roots)
 
 
 def _on_disk(store: Store, manifest: Manifest) -> bytearray:
@@ -282,6 +307,8 @@ class RestoreResult:
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "trusted": self.plan.trusted,
+            "trust": self.plan.trust.to_json(self.plan.roots),
             "items": len(self.plan.actions),
             "present": len(self.plan.indices(Action.PRESENT)),
             "extracted": len(self.extracted),
@@ -376,16 +403,20 @@ class _Run:
             self.progress("failed", str(error))
 
 
+def _read_only(root: Path) -> bool:
+    try:
+        return bool(os.statvfs(root).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 def _preflight(run: _Run, chunks: ChunkStore, sd: StoreDir) -> None:
     """Everything that can refuse the restore, checked before the store is touched."""
     plan = run.plan
     chunks.check_store_dir(plan.manifest.store_dir)
     if sd.read_only():
-        raise StoreError(
-            "is mounted read-only (a bind mount such as guix-install.sh's gnu-store.mount); "
-            "run the restore as root so it can remount it writable in a private mount "
-            "namespace, or `sudo mount -o remount,rw " + str(plan.store.store_root) + "`",
-            item=str(plan.store.store_root))
+        raise StoreError(f"is mounted read-only; `sudo mount -o remount,rw {sd.root}` lets "
+                         "a restore write it", item=str(sd.root))
     if not os.access(sd.root, os.W_OK):
         raise StoreError("is not writable by this user (run the restore as root)",
                          item=str(sd.root))
@@ -418,6 +449,9 @@ def execute_restore(plan: RestorePlan, *, jobs: int = 2, progress: Progress | No
     run = _Run(plan, jobs, progress)
     store = plan.store
     chunks = ChunkStore(plan.cache)
+    if _read_only(store.store_root):
+        # a read-only bind mount (gnu-store.mount): writable in a mount namespace of our own
+        mountns.make_writable(store.store_root)
     with StoreDir(store.store_root, create=True) as sd:
         try:
             _preflight(run, chunks, sd)
@@ -447,8 +481,12 @@ def _extract_all(run: _Run, chunks: ChunkStore, sd: StoreDir,
                  owner: tuple[int, int] | None) -> None:
     plan, manifest = run.plan, run.manifest
     missing = set(plan.missing_external)
+    for error in plan.trust.errors(manifest):
+        run.fail(error)
     todo = []
     for n in sorted(plan.to_extract, key=lambda n: -manifest.nar_size(n)):
+        if n in plan.trust.refused:
+            continue
         lacking = sorted(set(manifest.references(n)) & missing)
         if lacking:
             run.fail(StoreError(f"references {lacking[0]}, which the manifest leaves to the "
@@ -544,7 +582,7 @@ def _place_and_register(run: _Run, sd: StoreDir) -> None:
                     assert conn is not None
                     try:
                         db.register_batch(conn, plan.db_path, run.flavour,
-                                          [manifest.item(n).info for n in placed])
+                                          [_info(run, n) for n in placed])
                     except IncstoreError:
                         _unplace(run, sd, placed)
                         raise
@@ -571,9 +609,19 @@ def _became_valid(run: _Run, conn: Any, n: int, sd: StoreDir) -> bool:
     return db.is_valid_on(conn, path) and sd.exists(path[len(run.manifest.store_dir) + 1:])
 
 
+def _info(run: _Run, n: int) -> db.PathInfo:
+    """The DB row to register for item `n`. When the items were vouched for one by one (the
+    manifest is not trusted), only what their signatures cover is taken from the manifest."""
+    info = run.manifest.item(n).info
+    if not run.plan.trust.per_item:
+        return info
+    return replace(info, deriver=None, registration_time=int(time.time()),
+                   derivation_outputs=(), ultimate=None, ca=None)
+
+
 def _register_copy(run: _Run, sd: StoreDir) -> None:
-    plan, manifest = run.plan, run.manifest
-    infos = [manifest.item(n).info for n in run.placed]
+    plan = run.plan
+    infos = [_info(run, n) for n in run.placed]
     if not infos and plan.db_mode != "out" and plan.db_path.exists():
         return
     try:

@@ -19,9 +19,9 @@ from typing import Any, BinaryIO
 import xxhash
 import zstandard
 
-from incstore import atomicfile, db, nar
+from incstore import atomicfile, db, nar, regularfile, signature, trust
 from incstore.atomicfile import AlreadyExists
-from incstore.chunkstore import ChunkStore, NarInfo
+from incstore.chunkstore import UPSTREAM_DIR, ChunkStore, NarInfo, describes
 from incstore.errors import (
     ChunkCorruptError,
     IncstoreError,
@@ -32,6 +32,7 @@ from incstore.errors import (
 )
 from incstore.manifest import ChunkRef, Item, Manifest, from_bytes, now_utc, saved_at
 from incstore.pool import bounded_map
+from incstore.signature import SecretKey
 from incstore.store import Store
 from incstore.storepath import StorePath, nix32_encode
 
@@ -247,7 +248,40 @@ def _db_hash(narinfo_nar_hash: str) -> str | None:
         return None
 
 
-def _narinfo(info: db.PathInfo, key: str, ref: ChunkRef) -> NarInfo:
+class Signer:
+    """What a save signs with its key (`--sign-key`): a Nix key adds a `Sig` over each item's
+    fingerprint (to the narinfo and the manifest); a Guix key adds a `Signature:` field to each
+    narinfo, so a guix-daemon given the chunk store as a substitute URL accepts it."""
+
+    def __init__(self, key: SecretKey) -> None:
+        self.key = key
+        self.public = key.public_key
+
+    def sigs(self, info: db.PathInfo) -> tuple[str, ...]:
+        """The item's Nix signatures: the DB's (upstream ones, for Nix), and ours."""
+        found = tuple(info.sigs.split()) if info.sigs else ()
+        if isinstance(self.key, signature.NixSecretKey):
+            ours = signature.nix_sign(self.key, signature.nix_fingerprint(
+                info.path, info.hash, info.nar_size, info.references))
+            if ours not in found:
+                found += (ours,)
+        return found
+
+    def narinfo(self, narinfo: NarInfo) -> str:
+        text = narinfo.render()
+        if isinstance(self.key, signature.GuixSecretKey):
+            text = signature.guix_sign_narinfo(self.key, text)
+        return text
+
+    def signed(self, text: str, info: db.PathInfo) -> bool:
+        """Whether a narinfo already carries our signature for this item."""
+        if isinstance(self.key, signature.GuixSecretKey):
+            return signature.guix_verify_narinfo(text, [self.public]) is not None
+        return all(f"Sig: {s}" in text.splitlines() for s in self.sigs(info))
+
+
+def _narinfo(info: db.PathInfo, key: str, ref: ChunkRef, sigs: tuple[str, ...] | None = None
+             ) -> NarInfo:
     def base(path: str) -> str:
         return path.rsplit("/", 1)[1]
 
@@ -261,13 +295,20 @@ def _narinfo(info: db.PathInfo, key: str, ref: ChunkRef) -> NarInfo:
         deriver=base(info.deriver) if info.deriver else None,
         xxh3_128=ref.xxh3_128,
         ca=info.ca,
-        sigs=tuple(info.sigs.split()) if info.sigs else (),
+        sigs=sigs if sigs is not None else tuple(info.sigs.split()) if info.sigs else (),
     )
+
+
+def write_narinfo(chunks: ChunkStore, info: db.PathInfo, key: str, ref: ChunkRef,
+                  signer: Signer | None) -> None:
+    narinfo = _narinfo(info, key, ref, signer.sigs(info) if signer else None)
+    text = signer.narinfo(narinfo) if signer else narinfo.render()
+    chunks.backend.write(chunks.narinfo_name(key), text.encode())
 
 
 def write_chunk(
     chunks: ChunkStore, store: Store, info: db.PathInfo, key: str, level: int, threads: int,
-    *, retry: bool = True,
+    *, retry: bool = True, signer: Signer | None = None,
 ) -> ChunkRef:
     """Serialise, verify and compress one item into the chunk store; return its chunk ref."""
     source = store.physical(info.path)
@@ -302,15 +343,17 @@ def write_chunk(
             if not retry:
                 raise
             chunks.quarantine(key)
-            return write_chunk(chunks, store, info, key, level, threads, retry=False)
+            return write_chunk(chunks, store, info, key, level, threads, retry=False,
+                               signer=signer)
         if (found.nar_sha256, found.nar_size) != (info.hash.removeprefix("sha256:"), info.nar_size):
             variant = variant_key(info, store.flavour.store_dir)
             if key == variant or not retry:
                 raise ChunkCorruptError(f"chunk {key} holds another NAR",
                                         item=info.path) from None
-            return write_chunk(chunks, store, info, variant, level, threads, retry=False)
+            return write_chunk(chunks, store, info, variant, level, threads, retry=False,
+                               signer=signer)
         ref = ChunkRef(key, found.size, found.xxh3_128)
-    chunks.write_narinfo(key, _narinfo(info, key, ref))
+    write_narinfo(chunks, info, key, ref, signer)
     return ref
 
 
@@ -355,7 +398,7 @@ def _without_dependents(items: Iterable[Item], bad: set[str]) -> list[Item]:
     return [item for item in items if item.path not in dropped]
 
 
-def _record(chunks: ChunkStore, name: str, manifest: Manifest) -> None:
+def _record(chunks: ChunkStore, name: str, manifest: Manifest) -> bytes:
     """Record the manifest under its name. An unchanged one saved less than a day ago is
     written again byte for byte: its mtime moves on and the store's digest stays the same, so
     a CI job uploads nothing. Once a day an unchanged manifest is written anew, so that the
@@ -369,6 +412,7 @@ def _record(chunks: ChunkStore, name: str, manifest: Manifest) -> None:
                 time.time() - saved_at(previous, 0) < SEEN_REFRESH:
             data = old
     chunks.write_manifest(name, data)
+    return data
 
 
 def execute_save(
@@ -379,9 +423,15 @@ def execute_save(
     jobs: int = 2,
     level: int = DEFAULT_LEVEL,
     progress: Progress | None = None,
+    sign_key: SecretKey | None = None,
+    substitute_cache: Path | None = None,
 ) -> SaveResult:
     """Write the plan's new chunks, then the manifest: to `manifest_path`, and into the chunk
-    store as `manifests/<name>.json` when `name` is given."""
+    store as `manifests/<name>.json` when `name` is given. With `sign_key`, narinfos and the
+    manifest are signed (`Signer`; the manifest's detached signature goes to `<manifest>.sig`).
+    For a Guix store, the signed narinfos that `guix substitute` cached under
+    `substitute_cache` (default: the state directory's `substitute/cache`) are kept beside
+    the chunks of the items they describe, when they agree with the DB."""
     chunks = ChunkStore(plan.cache)
     chunks.init(plan.flavour.store_dir)
     chunks.sweep()
@@ -390,8 +440,10 @@ def execute_save(
     # announce every chunk this save will name, so that a gc running meanwhile keeps them
     pending = chunks.write_pending(plan.keys.values())
     chunks.renew_chunks(ref.key for ref in plan.reused.values())
+    signer = Signer(sign_key) if sign_key is not None else None
     try:
-        return _save(plan, chunks, manifest_path, name, jobs, level, progress)
+        return _save(plan, chunks, manifest_path, name, jobs, level, progress, signer,
+                     substitute_cache)
     finally:
         chunks.drop_pending(pending)
 
@@ -419,8 +471,64 @@ def _verify_reused(plan: SavePlan, chunks: ChunkStore, jobs: int) -> list[str]:
     return bad
 
 
+def _sign_reused(plan: SavePlan, chunks: ChunkStore, reused: dict[str, ChunkRef],
+                 signer: Signer, jobs: int) -> None:
+    """Give the narinfos of reused chunks our signature where they lack it (a chunk store
+    filled before signing began, or signed with another key)."""
+    infos = {i.path: i for i in plan.items if i.path in reused}
+
+    def one(path: str) -> None:
+        info, ref = infos[path], reused[path]
+        try:
+            text = chunks.backend.read(chunks.narinfo_name(ref.key)).decode()
+            if signer.signed(text, info):
+                return
+        except (FileNotFoundError, IncstoreError, UnicodeDecodeError):
+            pass
+        write_narinfo(chunks, info, ref.key, ref, signer)
+
+    for _ in bounded_map(one, sorted(infos), workers=max(jobs, chunks.backend.min_workers)):
+        pass
+
+
+def _harvest(plan: SavePlan, chunks: ChunkStore, refs: dict[str, ChunkRef],
+             cache_dir: Path | None) -> set[str]:
+    """Keep the signed narinfos `guix substitute` cached for the saved items (the proof that
+    an item is exactly what a substitute server signed) beside their chunks, after checking
+    that their StorePath, NarHash, NarSize and References agree with the DB. Returns the paths
+    that have one."""
+    if plan.flavour.name != "guix":
+        return set()
+    held = {e.name.removesuffix(".narinfo") for e in chunks.backend.listdir(UPSTREAM_DIR)}
+    found = {p for p, ref in refs.items() if ref.key in held}
+    where = cache_dir or plan.store.state_root / "substitute" / "cache"
+    try:
+        servers = [e.path for e in os.scandir(where) if e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return found
+    for info in plan.items:
+        ref = refs.get(info.path)
+        if ref is None or info.path in found:
+            continue
+        hash_part = StorePath.parse(info.path, plan.flavour.store_dir).hash_part
+        for server in servers:
+            try:
+                raw = regularfile.read(Path(server) / hash_part, signature.MAX_NARINFO_BYTES * 2,
+                                       follow=False)
+            except OSError:
+                continue
+            text = signature.read_substitute_cache_entry(raw, check_expiry=False)
+            if text is not None and describes(text, info.path, info.hash, info.nar_size,
+                                              info.references):
+                chunks.write_upstream_narinfo(ref.key, text)
+                found.add(info.path)
+                break
+    return found
+
+
 def _save(plan: SavePlan, chunks: ChunkStore, manifest_path: Path | None, name: str | None,
-          jobs: int, level: int, progress: Progress | None) -> SaveResult:
+          jobs: int, level: int, progress: Progress | None, signer: Signer | None,
+          substitute_cache: Path | None) -> SaveResult:
     reused = dict(plan.reused)
     if chunks.backend.verifies_reads_cheaply:
         for path in _verify_reused(plan, chunks, jobs):
@@ -432,7 +540,8 @@ def _save(plan: SavePlan, chunks: ChunkStore, manifest_path: Path | None, name: 
     def one(info: db.PathInfo) -> ChunkRef | IncstoreError:
         threads = jobs if info.nar_size > MT_THRESHOLD and jobs > 1 else 0
         try:
-            return write_chunk(chunks, plan.store, info, plan.keys[info.path], level, threads)
+            return write_chunk(chunks, plan.store, info, plan.keys[info.path], level, threads,
+                               signer=signer)
         except IncstoreError as e:
             return e
 
@@ -454,16 +563,25 @@ def _save(plan: SavePlan, chunks: ChunkStore, manifest_path: Path | None, name: 
     # a gc that planned before our pending record existed may have swept a reused chunk
     present = chunks.chunk_files()
     run([i for i in plan.items if i.path in reused and refs[i.path].key not in present])
+    if signer is not None:
+        _sign_reused(plan, chunks, {p: refs[p] for p in reused if p in refs}, signer, jobs)
+    upstream = _harvest(plan, chunks, refs, substitute_cache)
     now = int(time.time())
-    items = [_item(info, refs[info.path], _seen(plan.previous, info, now))
+    items = [Item(info, refs[info.path], _seen(plan.previous, info, now),
+                  signer.sigs(info) if signer else _db_sigs(info), info.path in upstream)
              for info in plan.items if info.path in refs] + list(plan.carried)
     items = _without_dependents(items, {e.item for e in failed if e.item})
     manifest = Manifest.from_items(plan.flavour, items, created=now_utc(), name=name,
                                    external=plan.external)
     if manifest_path is not None:
         manifest.write(manifest_path)
+        if signer is not None:
+            atomicfile.write_bytes(manifest_path.with_name(manifest_path.name + ".sig"),
+                                   trust.sign_manifest(signer.key, manifest_path.read_bytes()))
     if name is not None:
-        _record(chunks, name, manifest)
+        data = _record(chunks, name, manifest)
+        if signer is not None:
+            chunks.write_manifest_sig(name, trust.sign_manifest(signer.key, data))
     return SaveResult(manifest, written, sorted(reused), failed,
                       sum(refs[p].size for p in written))
 
@@ -479,6 +597,5 @@ def _seen(previous: Manifest | None, info: db.PathInfo, now: int) -> int:
     return now
 
 
-def _item(info: db.PathInfo, ref: ChunkRef, seen: int) -> Item:
-    sigs = tuple(info.sigs.split()) if info.sigs else ()
-    return Item(info, ref, seen=seen, sigs=sigs)
+def _db_sigs(info: db.PathInfo) -> tuple[str, ...]:
+    return tuple(info.sigs.split()) if info.sigs else ()

@@ -138,6 +138,27 @@ def generate_guix_key() -> tuple[str, str]:
 # --- key parsing ------------------------------------------------------------------------------
 
 
+def write_key_pair(name: str, secret_file: str | os.PathLike[str],
+                   public_file: str | os.PathLike[str], *, guix: bool = False) -> PublicKey:
+    """Generate a key pair and write it: the secret file mode 0600 (Nix) or 0400 (Guix, as
+    `guix archive --generate-key` does), never over an existing file."""
+    from pathlib import Path
+
+    from incstore.atomicfile import AlreadyExists, atomic_writer
+
+    secret_text, public_text = generate_guix_key() if guix else generate_nix_key(name)
+    for path, text, mode in ((Path(secret_file), secret_text, 0o400 if guix else 0o600),
+                             (Path(public_file), public_text, 0o644)):
+        try:
+            with atomic_writer(path, mode, create_only=True) as f:
+                f.write(text.encode())
+        except AlreadyExists:
+            raise KeyFileError("exists already; not overwriting a key", item=str(path)) from None
+        except OSError as e:
+            raise KeyFileError(f"cannot write: {e.strerror or e}", item=str(path)) from None
+    return parse_public_key(public_text)
+
+
 def parse_public_key(text: str | bytes) -> PublicKey:
     """A public key: `NAME:base64` (a Nix key or key file) or a Guix `public-key` s-expression."""
     data = _as_bytes(text, MAX_KEY_FILE_BYTES)
@@ -436,9 +457,11 @@ def substitute_cache_dirname(url: str) -> str:
     return base64.b32encode(digest).decode().rstrip("=").lower()
 
 
-def read_substitute_cache_entry(text: str | bytes, *, now: float | None = None) -> str | None:
+def read_substitute_cache_entry(text: str | bytes, *, now: float | None = None,
+                                check_expiry: bool = True) -> str | None:
     """The narinfo text a `guix substitute` cache file holds, or None for a cached miss, an
-    expired entry, another format version, or anything malformed."""
+    expired entry (unless `check_expiry` is off: an old entry is still the server's signed
+    statement), another format version, or anything malformed."""
     try:
         if isinstance(text, bytes):
             if len(text) > MAX_NARINFO_BYTES * 2:
@@ -458,7 +481,7 @@ def read_substitute_cache_entry(text: str | bytes, *, now: float | None = None) 
     if not isinstance(value, str) or isinstance(date, bool) or isinstance(ttl, bool):
         return None
     tai_now = (time.time() if now is None else now) + _TAI_MINUS_UTC
-    if tai_now - ttl > date:
+    if check_expiry and tai_now - ttl > date:
         return None
     return value
 
