@@ -26,11 +26,13 @@ import json
 import sys
 import tempfile
 from collections.abc import Iterable
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from bench import daemondb, guixstore
 from bench.guixstore import StoreSpec, Summary
-from bench.measure import INCSTORE, Row, du, pair, table, tar_create, tar_extract, wipe
+from bench.measure import INCSTORE, Row, Sample, du, pair, table, tar_create, tar_extract, wipe
 
 OUT = guixstore.OUT
 SCENARIOS = ("cold save", "save, nothing new", "restore, empty store", "restore, 90% present",
@@ -177,7 +179,7 @@ def plot(rows: list[Row], path: Path) -> bool:
     right.set(xscale="log", yscale="log", xlabel="store items", ylabel="seconds (median of runs)",
               title="Absolute time (solid: incstore, dotted: tar | zstd)")
     left.legend(fontsize=8)
-    right.legend(fontsize=6, ncol=2)
+    right.legend(fontsize=6, ncol=2, loc="best")
     for ax in (left, right):
         ax.grid(True, which="both", alpha=0.3)
     fig.suptitle("incstore vs tar | zstd as the item count grows (same large items, "
@@ -193,29 +195,57 @@ def _report(title: str, rows: list[Row], shapes: dict[int, Summary], note: str) 
                       note, "", table(rows, with_items=True), ""])
 
 
+def _row(doc: dict[str, Any]) -> Row:
+    samples = {k: [Sample(**s) for s in doc[k]] for k in ("ours", "base")}
+    return Row(**{**doc, **samples})
+
+
+def _previous(timed: str, sizes: list[int]) -> tuple[list[Row], dict[int, Summary]]:
+    """Rows of earlier runs of the same incstore at other sizes, so that a curve can be
+    measured a few sizes at a time (`--sizes 50000` later adds to `--sizes 100,1000`)."""
+    path = OUT / "growth.json"
+    if not path.exists():
+        return [], {}
+    try:
+        doc = json.loads(path.read_text())
+        if not isinstance(doc, dict) or doc.get("incstore") != timed:
+            return [], {}
+        rows = [_row(r) for r in doc["rows"] if r["items"] not in sizes]
+        shapes = {int(k): Summary(**v) for k, v in doc["stores"].items()
+                  if int(k) not in sizes}
+        return rows, shapes
+    except (KeyError, TypeError, ValueError):
+        return [], {}
+
+
 def growth(sizes: list[int], reps: int, where: list[str], disk_dir: Path, shm_dir: Path,
-           seed: int = 7) -> list[Row]:
+           seed: int = 7, timed: str = "") -> list[Row]:
+    """The growth curve at `sizes`, merged with earlier runs of the same incstore (`timed`
+    names it) at other sizes."""
     OUT.mkdir(parents=True, exist_ok=True)
-    rows: list[Row] = []
-    shapes: dict[int, Summary] = {}
+    rows, shapes = _previous(timed, sizes)
     for n in sizes:
         log(f"growth: building or reusing the {n:,}-item store ...")
         prefix, summary = guixstore.cached(StoreSpec(n, seed))
         log(f"  {summary.line()}")
         shapes[summary.items] = summary
         rows += store_rows(prefix, summary, where, reps, disk_dir, shm_dir)
+        rows.sort(key=lambda r: r.items)  # stable: scenario order kept within a size
+        shapes = dict(sorted(shapes.items()))
         # rewrite the outputs after every size, so a long run leaves what it measured so far
-        note = (f"Median of {reps} runs, alternating which goes first; restores into "
-                f"{', '.join(where)}. Saves write the chunk store on disk.")
+        note = (f"incstore: {timed}. Median of {reps} runs, alternating which goes first; "
+                f"restores into {', '.join(where)}. Saves write the chunk store on disk.")
         (OUT / "growth.md").write_text(_report("Growth curve", rows, shapes, note))
         _write_csv(OUT / "growth.csv", rows, shapes)
-        (OUT / "growth.json").write_text(json.dumps([r.to_json() for r in rows], indent=1))
-    plot(rows, OUT / "growth.png")
+        (OUT / "growth.json").write_text(json.dumps(
+            {"incstore": timed, "stores": {k: asdict(v) for k, v in shapes.items()},
+             "rows": [r.to_json() for r in rows]}, indent=1))
+        plot(rows, OUT / "growth.png")
     return rows
 
 
 def reference(reps: int, where: list[str], disk_dir: Path, shm_dir: Path,
-              seed: int = 7) -> list[Row]:
+              seed: int = 7, timed: str = "") -> list[Row]:
     """The 2,076-item store shaped like the one a user measured."""
     OUT.mkdir(parents=True, exist_ok=True)
     log(f"small items: building or reusing the {REFERENCE_ITEMS:,}-item reference store ...")
@@ -223,7 +253,7 @@ def reference(reps: int, where: list[str], disk_dir: Path, shm_dir: Path,
     log(f"  {summary.line()}")
     rows = store_rows(prefix, summary, where, reps, disk_dir, shm_dir)
     shapes = {summary.items: summary}
-    note = f"Median of {reps} runs, alternating which goes first."
+    note = f"incstore: {timed}. Median of {reps} runs, alternating which goes first."
     (OUT / "small-items.md").write_text(_report("2,076-item reference store", rows, shapes,
                                                 note))
     _write_csv(OUT / "small-items.csv", rows, shapes)

@@ -10,10 +10,10 @@ measures, about a millisecond an item) takes minutes more; and the save path is 
 is being rewritten. Here each item's NAR is made in memory (one small regular file naming its
 store path), hashed, compressed into a real one-frame zstd chunk with its XXH3-128, and only
 the chunk file is written: so `check` reads and verifies real chunks, and `check --full` would
-pass too. The manifest comes from `manifestfmt.render`, the one function to switch when the
-manifest format changes (its canary tells when). No narinfo files are written: none of the
-three commands reads them (a later `save` into this chunk store would treat its chunks as
-incomplete and write them again).
+pass too. The manifest comes from `manifestfmt.render`, in the format version that the timed
+incstore writes (its canary finds out, and tells when `render` must learn a new one). No
+narinfo files are written: none of the three commands reads them (a later `save` into this
+chunk store would treat its chunks as incomplete and write them again).
 
 Items mimic a Guix store's graph: `.drv` items naming input `.drv`s and sources with their
 DerivationOutputs, outputs naming their deriver and referencing earlier outputs (and often
@@ -55,13 +55,14 @@ class Synthetic:
     manifest: Path
     cache: Path
     items: int
+    version: int
     manifest_bytes: int
     seconds: float
 
 
-def synthesise(n: int, seed: int = 7) -> Synthetic:
-    """The manifest and chunk store of `n` items (built once, then reused)."""
-    root = guixstore.OUT / "manifest-scale" / f"{n}-s{seed}-v{manifestfmt.VERSION}"
+def synthesise(n: int, version: int, seed: int = 7) -> Synthetic:
+    """The manifest (format `version`) and chunk store of `n` items (built once, reused)."""
+    root = guixstore.OUT / "manifest-scale" / f"{n}-s{seed}-v{version}"
     manifest, cache = root / "manifest.json", root / "cache"
     if not manifest.exists():
         start = time.perf_counter()
@@ -72,13 +73,13 @@ def synthesise(n: int, seed: int = 7) -> Synthetic:
         (tmp / "cache" / "nix-cache-info").write_text(
             "StoreDir: /gnu/store\nWantMassQuery: 1\nPriority: 40\n")
         items = _items(n, seed, tmp / "cache" / "nar")
-        data = manifestfmt.render(items)
+        data = manifestfmt.render(items, version, name=NAME)
         (tmp / "cache" / "manifests" / f"{NAME}.json").write_bytes(data)
         os.link(tmp / "cache" / "manifests" / f"{NAME}.json", tmp / "manifest.json")
         (tmp / "seconds").write_text(f"{time.perf_counter() - start:.1f}")
         wipe(root)
         os.rename(tmp, root)
-    return Synthetic(root, manifest, cache, n, manifest.stat().st_size,
+    return Synthetic(root, manifest, cache, n, version, manifest.stat().st_size,
                      float((root / "seconds").read_text()))
 
 
@@ -107,8 +108,8 @@ def _items(n: int, seed: int, nar_dir: Path) -> list[ManifestItem]:
         (nar_dir / f"{key}.nar.zst").write_bytes(chunk)
         reg = Registration(path, "sha256:" + hashlib.sha256(nar).hexdigest(), len(nar),
                            guixstore.T0 + len(items), deriver, tuple(sorted(set(refs))), outs)
-        items.append(ManifestItem(reg, Chunk(key, len(chunk),
-                                             xxhash.xxh3_128_hexdigest(chunk))))
+        items.append(ManifestItem(reg, Chunk(key, len(chunk), xxhash.xxh3_128_hexdigest(chunk)),
+                                  seen=guixstore.T0))
 
     while len(items) < n:
         name, ver = rng.choice(names)
@@ -135,8 +136,7 @@ def _items(n: int, seed: int, nar_dir: Path) -> list[ManifestItem]:
 
 def run(n: int, reps: int, shm_dir: Path) -> tuple[Synthetic, list[Row]]:
     """Time restore --dry-run, check and stats on the synthetic manifest of `n` items."""
-    manifestfmt.canary()
-    syn = synthesise(n)
+    syn = synthesise(n, manifestfmt.canary())
     empty = Path(os.path.join(shm_dir, f"incstore-manifest-scale-{os.getpid()}"))
     wipe(empty)
     commands = {
@@ -157,9 +157,9 @@ def run(n: int, reps: int, shm_dir: Path) -> tuple[Synthetic, list[Row]]:
     return syn, rows
 
 
-def report(syn: Synthetic, rows: list[Row]) -> str:
-    lines = [f"# Manifest scale: {syn.items:,} items", "",
-             f"Manifest {syn.manifest_bytes:,} bytes (format version {manifestfmt.VERSION}), "
+def report(syn: Synthetic, rows: list[Row], timed: str = "") -> str:
+    lines = [f"# Manifest scale: {syn.items:,} items", "", f"incstore: {timed}", "",
+             f"Manifest {syn.manifest_bytes:,} bytes (format version {syn.version}), "
              f"{syn.items:,} chunks; synthesised in {syn.seconds:.0f} s (cached since).", "",
              "| command | median s | runs s | peak MB |", "|---|---|---|---|"]
     for r in rows:

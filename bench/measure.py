@@ -27,8 +27,8 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 _TICK = os.sysconf("SC_CLK_TCK")
 # a sample is retried when others used more than this share of one core during it
 DISTURBED = 0.25
-TRIES = 3
-QUIET_WAIT = 20.0
+TRIES = 2
+QUIET_WAIT = 10.0
 
 
 @dataclass

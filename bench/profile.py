@@ -2,8 +2,8 @@
 
     python3 bench/profile.py [--items 2076] [--incstore-ref REF]
 
-Runs, through the CLI only, the four commands whose per-item cost matters (cold save, save
-with nothing new, restore into an empty tmpfs store, no-op restore) three ways each:
+Runs, through the CLI only, the commands whose per-item cost matters (cold save, save with
+nothing new, restore into an empty store on tmpfs and on disk, no-op restore) three ways each:
 
 - `python3 -X importtime -m incstore ...`: import cost, summed per top-level package;
 - cProfile in every thread (`_THREADED_CPROFILE`: incstore does its per-item work in a
@@ -116,6 +116,9 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=2076)
     parser.add_argument("--only", default="importtime,cprofile,strace",
                         type=lambda s: s.split(","), help="which of the three to run")
+    parser.add_argument("--runs", default="", type=lambda s: [r for r in s.split(",") if r],
+                        help="which commands (save-cold, save-nothing-new, restore-empty, "
+                        "restore-noop, restore-empty-disk) [default: all]")
     parser.add_argument("--shm-dir", type=Path, default=Path("/dev/shm"))
     parser.add_argument("--incstore-ref", metavar="REF",
                         help="profile the incstore of this git revision, not the working tree")
@@ -126,14 +129,18 @@ def main() -> None:
     print(summary.line())
     work = Path(tempfile.mkdtemp(prefix="incstore-profile-", dir="/var/tmp"))
     dst = Path(tempfile.mkdtemp(prefix="incstore-profile-", dir=args.shm_dir)) / "dst"
+    disk_dst = work / "dst"
     cache, manifest = work / "cache", work / "m.json"
     save = ["save", "--db", str(daemondb.db_path(prefix)), "--prefix", str(prefix), "--cache",
             str(cache), "--manifest", str(manifest)]
     restore = ["restore", "--manifest", str(manifest), "--cache", str(cache), "--prefix",
                str(dst)]
     # (label, incstore arguments, what to reset before each run)
+    restore_disk = [*restore[:-1], str(disk_dst)]
     runs = [("save-cold", save, lambda: wipe(cache)), ("save-nothing-new", save, None),
-            ("restore-empty", restore, lambda: wipe(dst)), ("restore-noop", restore, None)]
+            ("restore-empty", restore, lambda: wipe(dst)), ("restore-noop", restore, None),
+            ("restore-empty-disk", restore_disk, lambda: wipe(disk_dst))]
+    runs = [r for r in runs if not args.runs or r[0] in args.runs]
     strace = shutil.which("strace")
     try:
         for label, cli, reset in runs:

@@ -9,25 +9,32 @@ the baseline (`tar -c gnu/store var/guix/db | zstd -T0 -3`, `zstd -d | tar -x`),
 alternating which goes first; tables show median seconds, the ratio incstore/baseline, bytes
 written and peak memory (of the whole process tree: see bench/measure.py).
 
-Parts (with no part flag: --classic and --growth at the default sizes; timings on this 2-core
-machine with stores already cached under bench/out/stores/, first builds add about a minute):
+Parts (with no part flag: --classic and --growth at the default sizes). Durations on this
+2-core machine, stores already cached under bench/out/stores/ (building them once takes 30 s
+for 2,076 items, 13 s for 10,000, 61 s for 50,000); "busy" is what they took while other
+sessions' test suites kept 1 to 1.5 of the 2 cores busy (every pair then waits for a quiet
+second and is retried once), "quiet" is the sum of the timed runs plus set-up:
 
 --classic          The README's scenarios on a realistic store of about 100 large items built
                    from this machine's files (bench/realstore.py): cold save, warm save of 3
                    new items, restore into an empty store, 90% present, no-op, each into tmpfs
-                   and on disk (--where). About 4 minutes; --nix and --s3 add peers.
+                   and on disk (--where). About 5 minutes quiet; --nix and --s3 add peers.
 --growth           The growth curve on Guix-shaped stores (bench/guixstore.py) of --sizes items
-                   (default 100,1000,10000: about 12 minutes; 50000 adds about 25): the same
-                   ~30 large items, the rest small. Scenarios: cold save, save with nothing
-                   new, restore into an empty store, 90% present, no-op (restores into tmpfs,
-                   --growth-where). Writes bench/out/growth.{md,csv,json} and, with matplotlib
-                   (pip install matplotlib==3.11.2), bench/out/growth.png.
+                   (default 100,1000,10000: about 10 minutes quiet, 27 busy; 50000 adds about
+                   20 quiet, a third of that with --reps 1): the same 31 large items (544 MB),
+                   the rest small. Scenarios: cold save, save with nothing new, restore into an
+                   empty store, 90% present, no-op (restores into tmpfs, --growth-where).
+                   Writes bench/out/growth.{md,csv,json} and, with matplotlib (pip install
+                   matplotlib==3.11.2), bench/out/growth.png; a later run of the same incstore
+                   at other --sizes adds its points to the curve.
 --small-items      The same five scenarios on the 2,076-item reference store shaped like a
-                   user's real one (565 MB of NAR, ~33,000 files), restores into tmpfs and on
-                   disk. About 5 minutes. Writes bench/out/small-items.{md,csv}.
+                   user's real one (563 MB of NAR, 32,000 files), restores into tmpfs and on
+                   disk. About 8 minutes quiet, 37 busy. Writes bench/out/small-items.{md,csv}.
 --manifest-scale   A synthetic --manifest-items manifest (default 200,000) with its chunk
                    store: times `restore --dry-run` into an empty prefix, `check` and `stats`
-                   (bench/manifestscale.py). About 2 minutes, plus 1-2 to synthesise it once.
+                   (bench/manifestscale.py). About 4 minutes, plus 1 to synthesise it once.
+
+bench/profile.py profiles the per-item work (import time, cProfile in every thread, strace).
 
 --incstore-ref REF times the incstore of a git revision (exported to bench/out/src-<sha>/)
 instead of the working tree, so a run is not disturbed by edits in progress.
@@ -270,16 +277,16 @@ def main() -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     part = parser.add_argument_group("parts (none given: --classic and --growth)")
     part.add_argument("--classic", action="store_true",
-                      help="the README's scenarios on the ~100-item realistic store (~4 min)")
+                      help="the README's scenarios on the ~100-item realistic store (~5 min)")
     part.add_argument("--growth", action="store_true",
-                      help="growth curve over --sizes on Guix-shaped stores (~12 min at the "
-                      "default sizes; 50000 adds ~25); writes bench/out/growth.{md,csv,png}")
+                      help="growth curve over --sizes on Guix-shaped stores (~10 min quiet at "
+                      "the default sizes; 50000 adds ~20); writes bench/out/growth.{md,csv,png}")
     part.add_argument("--small-items", action="store_true",
                       help="the five scenarios on the 2,076-item reference store, tmpfs and "
-                      "disk (~5 min); writes bench/out/small-items.{md,csv}")
+                      "disk (~8 min quiet); writes bench/out/small-items.{md,csv}")
     part.add_argument("--manifest-scale", action="store_true",
                       help="restore --dry-run, check and stats on a synthetic manifest of "
-                      "--manifest-items items (~2 min, plus ~2 to synthesise it once)")
+                      "--manifest-items items (~4 min, plus ~1 to synthesise it once)")
     parser.add_argument("--sizes", default="100,1000,10000", type=_sizes,
                         help="item counts of the growth curve [default: 100,1000,10000]")
     parser.add_argument("--growth-where", default="shm", type=lambda s: s.split(","),
@@ -309,7 +316,8 @@ def main() -> None:
         args.classic = args.growth = True
     from bench import growth, manifestscale
 
-    print(f"timing {use_incstore(args.incstore_ref)}", file=sys.stderr)
+    timing = use_incstore(args.incstore_ref)
+    print(f"timing {timing}", file=sys.stderr)
     started = time.perf_counter()
     report: list[str] = []
     rows: list[Row] = []
@@ -327,21 +335,21 @@ def main() -> None:
     if args.small_items:
         t = time.perf_counter()
         ref_rows = growth.reference(args.reps, ["shm", "disk"], args.disk_dir, args.shm_dir,
-                                    args.seed)
+                                    args.seed, timing)
         rows += ref_rows
         section("2,076-item reference store", (growth.OUT / "small-items.md").read_text(),
                 time.perf_counter() - t)
     if args.growth:
         t = time.perf_counter()
         growth_rows = growth.growth(args.sizes, args.reps, args.growth_where, args.disk_dir,
-                                    args.shm_dir, args.seed)
+                                    args.shm_dir, args.seed, timing)
         rows += growth_rows
         section("Growth curve", (growth.OUT / "growth.md").read_text(), time.perf_counter() - t)
     if args.manifest_scale:
         t = time.perf_counter()
         syn, scale_rows = manifestscale.run(args.manifest_items, args.reps, args.shm_dir)
         rows += scale_rows
-        text = manifestscale.report(syn, scale_rows)
+        text = manifestscale.report(syn, scale_rows, timing)
         (growth.OUT / "manifest-scale.md").write_text(text)
         section("Manifest scale", text, time.perf_counter() - t)
     print(f"total {(time.perf_counter() - started) / 60:.1f} min", file=sys.stderr)
