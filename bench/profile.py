@@ -108,7 +108,10 @@ def strace_digest(path: Path, top: int = 12) -> str:
     start = next((i for i, ln in enumerate(lines) if ln.startswith("% time")), None)
     if start is None:
         return "  (no strace summary)"
-    return "\n".join("  " + ln for ln in lines[start : start + 2 + top] + lines[-2:])
+    body = lines[start:]
+    if len(body) > top + 4:  # the top rows, then the separator and the total
+        body = body[: top + 2] + body[-2:]
+    return "\n".join("  " + ln for ln in body)
 
 
 def main() -> None:
