@@ -39,6 +39,7 @@ class Reader(Protocol):
 
 
 MAX_BLOB = 1 << 30  # the largest narinfo, manifest or cache-info `read` accepts
+_DIR_NOFOLLOW = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def valid_name(name: str) -> bool:
@@ -144,13 +145,47 @@ class LocalBackend(Backend):
         except OSError as e:
             raise ChunkStoreError(f"cannot open {name}: {e.strerror or e}", item=self.url) from e
 
+    def _dir_fd(self, directory: str, *, create: bool) -> int:
+        """A descriptor on `directory` (a checked relative name, "" for the root), opened one
+        component at a time without following a symlink, made if missing when `create`.
+
+        Why: a planted `quarantine` (or `nar`) symlink made restore, as root, link a chunk
+        into any directory it named; a planted regular file there made the OSError abort the
+        whole restore. Now both are a ChunkStoreError, which callers report per item."""
+        if create:  # the root itself is the user's choice: made as given, symlinks and all
+            self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for part in directory.split("/") if directory else ():
+                if create:
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(part, 0o755, dir_fd=fd)
+                child = os.open(part, _DIR_NOFOLLOW, dir_fd=fd)
+                os.close(fd)
+                fd = child
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
     def _parent(self, name: str) -> Path:
         path = self.local_path(name)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        directory = name.rpartition("/")[0]
+        try:
+            os.close(self._dir_fd(directory, create=True))
+        except OSError as e:
+            raise ChunkStoreError(f"cannot use the directory of {name}: {e.strerror or e}",
+                                  item=self.url) from e
         return path
 
     def write(self, name: str, data: bytes) -> None:
-        atomicfile.write_bytes(self._parent(name), data)
+        path = self._parent(name)
+        try:
+            atomicfile.write_bytes(path, data)
+        except OSError as e:
+            # e.g. a directory planted at a narinfo's name: one error for that blob, not an
+            # unexplained OSError that ends the whole run
+            raise ChunkStoreError(f"cannot write {name}: {e.strerror or e}", item=self.url) from e
 
     @contextlib.contextmanager
     def create(self, name: str) -> Iterator[BinaryIO]:
@@ -158,8 +193,25 @@ class LocalBackend(Backend):
             yield f
 
     def delete(self, name: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.local_path(name).unlink()
+        # through the directory's descriptor: a symlinked `nar/` must not make a restore
+        # (root) delete a file elsewhere
+        directory, _, base = check_name(name).rpartition("/")
+        try:
+            fd = self._dir_fd(directory, create=False)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise ChunkStoreError(f"cannot delete {name}: {e.strerror or e}",
+                                  item=self.url) from e
+        try:
+            os.unlink(base, dir_fd=fd)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise ChunkStoreError(f"cannot delete {name}: {e.strerror or e}",
+                                  item=self.url) from e
+        finally:
+            os.close(fd)
 
     def listdir(self, directory: str) -> list[Entry]:
         where = self.root / check_name(directory) if directory else self.root
@@ -175,13 +227,29 @@ class LocalBackend(Backend):
         return out
 
     def move(self, name: str, new_name: str) -> bool:
-        target = self._parent(new_name)
+        # both directories through descriptors that never follow a symlink (see `_dir_fd`)
+        src_dir, _, src = check_name(name).rpartition("/")
+        dst_dir, _, dst = check_name(new_name).rpartition("/")
+        fds: list[int] = []
         try:
-            os.link(self.local_path(name), target, follow_symlinks=False)
-        except FileNotFoundError:
-            return False
-        self.delete(name)
-        atomicfile.fsync_dir(target.parent)
+            try:
+                fds.append(self._dir_fd(src_dir, create=False))
+            except FileNotFoundError:
+                return False
+            fds.append(self._dir_fd(dst_dir, create=True))
+            try:
+                os.link(src, dst, src_dir_fd=fds[0], dst_dir_fd=fds[1], follow_symlinks=False)
+            except FileNotFoundError:
+                return False
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(src, dir_fd=fds[0])
+            os.fsync(fds[1])
+        except OSError as e:
+            raise ChunkStoreError(f"cannot move {name} to {new_name}: {e.strerror or e}",
+                                  item=self.url) from e
+        finally:
+            for fd in fds:
+                os.close(fd)
         return True
 
     def renew(self, name: str) -> None:

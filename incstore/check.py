@@ -74,7 +74,7 @@ def _check_one(chunks: ChunkStore, want: _Expect, full: bool, present: set[str]
         if key not in present:
             return ChunkMissingError(f"chunk {key} is missing", item=want.path)
         if full:
-            found = chunks.inspect(key, item=want.path, nar_size=want.nar_size)
+            found = chunks.inspect(key, item=want.path, nar_size=want.nar_size, size=want.size)
             nar_ok = ("sha256:" + found.nar_sha256, found.nar_size) == (want.nar_hash,
                                                                          want.nar_size)
             if not nar_ok:
@@ -82,7 +82,7 @@ def _check_one(chunks: ChunkStore, want: _Expect, full: bool, present: set[str]
                                          item=want.path)
             size, xxh = found.size, found.xxh3_128
         else:
-            size, xxh = chunks.quick_digest(key, item=want.path)
+            size, xxh = chunks.quick_digest(key, item=want.path, size=want.size)
         if (size, xxh) != (want.size, want.xxh3_128):
             return ChunkCorruptError(f"chunk {key} fails its size or xxh3 check", item=want.path)
     except IncstoreError as e:

@@ -27,6 +27,7 @@ from typing import BinaryIO
 import xxhash
 import zstandard
 
+from incstore import frame
 from incstore.backend import Backend, Entry, Reader, open_backend
 from incstore.errors import ChunkCorruptError, ChunkMissingError, ChunkStoreError, ManifestError
 from incstore.manifest import NAME_RE, check_name
@@ -230,59 +231,85 @@ class ChunkStore:
             raise ChunkMissingError(
                 f"chunk {key} is missing from the chunk store {self.url}", item=item or key
             ) from e
+        except ChunkStoreError as e:
+            # name the item, not the chunk store (the backend's error names the store)
+            raise ChunkStoreError(f"chunk {key}: {e}", item=item or key) from e
 
-    def inspect(self, key: str, *, item: str | None = None, nar_size: int | None = None
-                ) -> ChunkDigest:
+    def inspect(self, key: str, *, item: str | None = None, nar_size: int | None = None,
+                size: int | None = None) -> ChunkDigest:
         """Read a whole chunk: its size and xxh3, and the sha256 and size of the NAR inside.
 
-        Memory stays bounded whatever the chunk decompresses to: the NAR is read through in
-        1 MiB pieces, and reading stops once it exceeds `nar_size` (when given).
+        Memory stays bounded whatever the chunk holds: the NAR is read through in 1 MiB
+        pieces, the decoder's window is capped, and reading stops once the NAR exceeds
+        `nar_size`, or the file its recorded `size` (when given). A chunk that is not exactly
+        one zstd frame with a content checksum is corrupt.
         """
+        label = item or key
         xxh = xxhash.xxh3_128()
         sha = hashlib.sha256()
-        size = nar_size_found = 0
+        found = nar_found = 0
+        head = b""
+        tracker = frame.FrameEnd()
         f = self.open_chunk(key, item=item)
+
+        def corrupt(why: str) -> ChunkCorruptError:
+            return ChunkCorruptError(f"chunk {key} {why}", item=label)
 
         class Counting:
             def read(self, n: int = -1) -> bytes:
-                nonlocal size
-                block = f.read(n)
+                nonlocal found, head
+                limit = (size + 1 - found) if size is not None else n
+                block = f.read(n if size is None else max(0, min(n, limit)) if n >= 0 else limit)
                 xxh.update(block)
-                size += len(block)
+                found += len(block)
+                if size is not None and found > size:
+                    raise corrupt(f"is longer than its recorded {size} bytes")
+                if len(head) < frame.HEADER_BYTES:
+                    head += block[: frame.HEADER_BYTES - len(head)]
+                    if len(head) >= frame.HEADER_BYTES or not block:
+                        problem = frame.header_problem(head, nar_size)
+                        if problem:
+                            raise corrupt(problem)
+                tracker.feed(block)
+                if tracker.broken or tracker.trailing:
+                    raise corrupt("has data after its zstd frame" if tracker.trailing
+                                  else f"is not one zstd frame ({tracker.broken})")
                 return block
 
         try:
-            reader = zstandard.ZstdDecompressor().stream_reader(
+            reader = frame.decompressor().stream_reader(
                 Counting(), read_across_frames=False)  # type: ignore[arg-type]
             try:
                 while block := reader.read(1 << 20):
                     sha.update(block)
-                    nar_size_found += len(block)
-                    if nar_size is not None and nar_size_found > nar_size:
-                        raise ChunkCorruptError(
-                            f"chunk {key} decompresses to more than the {nar_size} bytes "
-                            "expected", item=item or key)
+                    nar_found += len(block)
+                    if nar_size is not None and nar_found > nar_size:
+                        raise corrupt(f"decompresses to more than the {nar_size} bytes "
+                                      "recorded")
                 while Counting().read(1 << 20):  # the rest of the file, for its xxh3
                     pass
             except zstandard.ZstdError as e:
-                raise ChunkCorruptError(f"chunk {key} does not decompress: {e}",
-                                        item=item or key) from e
+                raise corrupt(f"does not decompress: {e}") from e
         finally:
             f.close()
-        return ChunkDigest(size, xxh.hexdigest(), sha.hexdigest(), nar_size_found)
+        return ChunkDigest(found, xxh.hexdigest(), sha.hexdigest(), nar_found)
 
-    def quick_digest(self, key: str, *, item: str | None = None) -> tuple[int, str]:
-        """Size and XXH3-128 of a chunk file, read once without decompressing it."""
+    def quick_digest(self, key: str, *, item: str | None = None, size: int | None = None
+                     ) -> tuple[int, str]:
+        """Size and XXH3-128 of a chunk file, read once without decompressing it, and no
+        further than one byte past its recorded `size` (when given)."""
         xxh = xxhash.xxh3_128()
-        size = 0
+        found = 0
         f = self.open_chunk(key, item=item)
         try:
-            while block := f.read(1 << 20):
+            while block := f.read(1 << 20 if size is None else min(1 << 20, size + 1 - found)):
                 xxh.update(block)
-                size += len(block)
+                found += len(block)
+                if size is not None and found > size:
+                    break
         finally:
             f.close()
-        return size, xxh.hexdigest()
+        return found, xxh.hexdigest()
 
     def chunk_files(self) -> dict[str, Entry]:
         """Every chunk with its size and mtime: one listing of `nar/`."""

@@ -133,8 +133,9 @@ name_option = click.option(
               metavar="OTHER_DB", help="Leave out paths valid in this other daemon DB "
               "(e.g. the one the Guix binary tarball ships; repeatable).")
 @jobs_option
-@click.option("--level", type=click.IntRange(-7, 22), default=DEFAULT_LEVEL, show_default=True,
-              help="zstd compression level.")
+@click.option("--level", type=click.IntRange(-7, 19), default=DEFAULT_LEVEL, show_default=True,
+              help="zstd compression level (at most 19: higher levels need windows larger than "
+              "restores accept).")
 @click.option("--carry-days", type=click.FloatRange(0), default=0, show_default=True,
               help="Keep items of the previous manifest of the same name (or file) that the "
               "store lacks, while their chunks are held, for this many days after they were "

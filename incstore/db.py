@@ -311,9 +311,15 @@ def _open_rw(path: Path) -> sqlite3.Connection:
 
 
 def open_live(db_path: Path) -> sqlite3.Connection:
-    """A read-write connection to a live daemon DB, for `register_batch`."""
+    """A read-write connection to an existing live daemon DB, for `register_batch`."""
+    if not db_path.is_file():
+        raise DatabaseError("no such daemon DB", item=str(db_path))
     try:
-        return _open_rw(db_path)
+        uri = "file:" + urllib.parse.quote(str(db_path)) + "?mode=rw"
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None)
+        conn.execute(f"pragma busy_timeout = {busy_timeout_ms()}")
+        conn.execute("pragma foreign_keys = 1")
+        return conn
     except sqlite3.Error as e:
         raise _error(e, db_path, "opening it") from e
 

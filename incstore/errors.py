@@ -116,7 +116,9 @@ EXIT_CODES: dict[int, str] = {
 def combine(failures: list[IncstoreError], what: str) -> IncstoreError:
     """One error for several per-item failures: their own class when they agree, else partial."""
     kinds = {type(f) for f in failures}
-    names = ", ".join(sorted({f.item or "?" for f in failures}))
+    every = sorted({f.item or "?" for f in failures})
+    # one line, however many failed: each failure was reported on its own already
+    names = ", ".join(every[:5]) + (f" and {len(every) - 5} more" if len(every) > 5 else "")
     if len(kinds) == 1:
         cls = kinds.pop()
         return cls(f"{len(failures)} item(s) failed to {what}: {names}")

@@ -41,6 +41,8 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 _HASH_RE = re.compile(r"sha256:[0-9a-f]{64}")
 _XXH_RE = re.compile(r"[0-9a-f]{32}")
 _CREATED_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
+_SIG_RE = re.compile(r"[\x21-\x7e]+")  # `name:base64`: printable ASCII, no space
+_CA_RE = re.compile(r"[\x20-\x7e]*")
 _OUTPUT_ID_RE = re.compile(r"[A-Za-z0-9_+\-.]{1,64}")
 _WS = re.compile(r"[ \t\n\r]*")
 _TOP_FIELDS = ("format", "version", "flavour", "store_dir", "name", "created", "tool",
@@ -415,7 +417,9 @@ class _Parser:
                 self.expect(":")
                 if key in fields:
                     raise self.fail(f"duplicate JSON key {key!r}")
-                if key == "items" and self.peek() == "[":
+                if key == "items":
+                    if self.peek() != "[":
+                        raise self.fail("items is not an array")
                     self.pos += 1
                     fields[key] = self.items(on_item)
                 else:
@@ -578,15 +582,15 @@ class _ItemReader:
         sigs = extra.get("sigs", [])
         if "sigs" in extra and not (isinstance(sigs, list) and 0 < len(sigs) <= MAX_SIGS):
             raise _fail("bad sigs", path)
-        if not all(isinstance(s, str) and 0 < len(s) <= MAX_SIG_LEN and s.isprintable()
-                   and " " not in s for s in sigs):
+        if not all(isinstance(s, str) and len(s) <= MAX_SIG_LEN and _SIG_RE.fullmatch(s)
+                   for s in sigs):
             raise _fail("bad signature string", path)
         if "upstream_narinfo" in extra and extra["upstream_narinfo"] is not True:
             raise _fail("bad upstream_narinfo (true or absent)", path)
         if "ultimate" in extra and not _int_in(extra["ultimate"], 0, 1):
             raise _fail("bad ultimate", path)
         ca = extra.get("ca", "")
-        if not (isinstance(ca, str) and len(ca) <= 1024 and ca.isprintable()):
+        if not (isinstance(ca, str) and len(ca) <= 1024 and _CA_RE.fullmatch(ca)):
             raise _fail("bad ca", path)
 
 

@@ -204,7 +204,7 @@ class _Reader:
         return NarFormatError(message, item=self.item)
 
     def too_long(self) -> NarTooLong:
-        return NarTooLong(f"NAR is longer than the {self.limit} bytes expected", item=self.item)
+        return NarTooLong(f"NAR is longer than the {self.limit} bytes recorded", item=self.item)
 
     def room(self) -> int:
         """How many more NAR bytes may follow what has been consumed so far."""

@@ -34,7 +34,7 @@ from typing import Any, Literal
 import xxhash
 import zstandard
 
-from incstore import atomicfile, db, faults, mountns, nar
+from incstore import atomicfile, db, faults, frame, mountns, nar
 from incstore.backend import Reader
 from incstore.chunkstore import ChunkStore
 from incstore.errors import (
@@ -194,6 +194,7 @@ class _ChunkReader:
         self.xxh = xxhash.xxh3_128()
         self.size = 0
         self.head = b""
+        self.frame = frame.FrameEnd()
         # the chunk cannot hold this item's NAR whatever the manifest says of it (as opposed
         # to a size or xxh3 that differ from the manifest's record of the chunk)
         self.proven_bad = False
@@ -211,24 +212,17 @@ class _ChunkReader:
         self.size += len(data)
         if self.size > self.chunk.size:
             raise self.corrupt(f"is longer than its recorded {self.chunk.size} bytes")
-        if len(self.head) < 18:
-            self.head += data[: 18 - len(self.head)]
-            if len(self.head) >= 18 or not data:
-                self._check_header()
+        if len(self.head) < frame.HEADER_BYTES:
+            self.head += data[: frame.HEADER_BYTES - len(self.head)]
+            if len(self.head) >= frame.HEADER_BYTES or not data:
+                problem = frame.header_problem(self.head, self.nar_size)
+                if problem:
+                    raise self.corrupt(problem, proven=True)
+        self.frame.feed(data)
+        if self.frame.broken or self.frame.trailing:
+            raise self.corrupt("has data after its zstd frame" if self.frame.trailing
+                               else f"is not one zstd frame ({self.frame.broken})", proven=True)
         return data
-
-    def _check_header(self) -> None:
-        try:
-            params = zstandard.get_frame_parameters(self.head)
-        except zstandard.ZstdError as e:
-            raise self.corrupt(f"is not a zstd frame ({e})", proven=True) from None
-        if not params.has_checksum:
-            raise self.corrupt("has no zstd content checksum", proven=True)
-        if params.content_size not in (zstandard.CONTENTSIZE_UNKNOWN,
-                                       zstandard.CONTENTSIZE_ERROR) and \
-                params.content_size != self.nar_size:
-            raise self.corrupt(f"declares {params.content_size} bytes of content, not the "
-                               f"item's {self.nar_size}", proven=True)
 
     def finish(self) -> None:
         """Read the rest of the chunk; it must be the one the manifest names."""
@@ -257,13 +251,15 @@ def extract_item(chunks: ChunkStore, sd: StoreDir, manifest: Manifest, n: int, t
         return _Extraction(e)
     raw = _ChunkReader(f, chunk, nar_size, path)
     try:
-        reader = zstandard.ZstdDecompressor().stream_reader(
+        reader = frame.decompressor().stream_reader(
             raw, read_across_frames=False)  # type: ignore[arg-type]
         try:
             digest = nar.restore(reader.read, sd.fd, tmp, owner=owner, item=path,
                                  limit=nar_size)
         except nar.NarTooLong as e:
-            return _Extraction(e, True)  # a bomb, or not this item's chunk: stop right here
+            # a bomb, or not this item's chunk: stopped before the excess was written
+            return _Extraction(ChunkCorruptError(f"chunk {chunk.key}: {e.args[0]}",
+                                                 item=path), True)
         except NarFormatError as e:
             # a damaged chunk reads as a broken NAR: blame the chunk when it fails its own
             # checks, the archive when the chunk is exactly the one the manifest names
@@ -325,9 +321,10 @@ class RestoreResult:
         return combine(self.failed, "restore") if self.failed else None
 
 
-def _closure(manifest: Manifest, ok: bytearray, external_ok: bool) -> bytearray:
-    """Which items are usable: `ok` (present or extracted) and every reference usable, by
-    propagating failures backwards along references once (linear in items + references)."""
+def _closure(manifest: Manifest, ok: bytearray, missing_external: set[str]) -> bytearray:
+    """Which items are usable: `ok` (present or extracted) and every reference usable (an
+    external one: not missing from the target store), by propagating failures backwards
+    along references once (linear in items + references)."""
     count = len(manifest)
     usable = bytearray(ok)
     referrers: dict[int, list[int]] = {}
@@ -337,7 +334,7 @@ def _closure(manifest: Manifest, ok: bytearray, external_ok: bool) -> bytearray:
             if r == n:
                 continue
             if r >= count:
-                if not external_ok and usable[n]:
+                if manifest.external[r - count] in missing_external and usable[n]:
                     usable[n] = 0
             else:
                 referrers.setdefault(r, []).append(n)
@@ -530,7 +527,7 @@ def _batches(run: _Run) -> Iterator[list[int]]:
     for n, done in enumerate(run.extracted):
         if done:
             ok[n] = 1
-    usable = _closure(manifest, ok, not plan.missing_external)
+    usable = _closure(manifest, ok, set(plan.missing_external))
     members = [n for n, done in enumerate(run.extracted) if done and usable[n]]
     order, cyclic = _topological(manifest, members)
     for n in cyclic:
@@ -544,7 +541,8 @@ def _batches(run: _Run) -> Iterator[list[int]]:
 def _place_and_register(run: _Run, sd: StoreDir) -> None:
     plan, manifest = run.plan, run.manifest
     cut = len(manifest.store_dir) + 1
-    live = run.mode == "in-place"
+    # a live DB that does not exist yet has no session to race with: it is created whole
+    live = run.mode == "in-place" and plan.db_path.exists()
     conn = db.open_live(plan.db_path) if live else None
     failed_here: set[int] = set()
     try:
@@ -629,6 +627,8 @@ def _register_copy(run: _Run, sd: StoreDir) -> None:
             assert plan.db_out is not None
             source = plan.db_path if plan.db_path.exists() else None
             db.write_copy(source, plan.db_out, run.flavour, infos)
+        elif run.mode == "in-place" and plan.db_path.exists():
+            db.register_in_place(plan.db_path, run.flavour, infos)
         else:
             db.swap_in(plan.db_path, run.flavour, infos)
     except (IncstoreError, OSError) as e:

@@ -15,14 +15,18 @@ drops, resume with a ranged GET from the last byte received.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import os
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any, BinaryIO, TypeVar
+from xml.etree import ElementTree
 
 import obstore
 from obstore import exceptions as obx
@@ -56,6 +60,7 @@ class S3Backend(Backend):
         if not bucket:
             raise RemoteError("no bucket in the chunk store URL", item=url)
         self.bucket = bucket
+        self.prefix = prefix.strip("/")
         timeout = _seconds("INCSTORE_S3_TIMEOUT", 60)
         self.timeout = timeout
         self.store = S3Store(
@@ -164,13 +169,22 @@ class S3Backend(Backend):
         try:
             result = self._call("LIST", directory, lambda: obstore.list_with_delimiter(
                 self.store, prefix))
+            found = [(o["path"], o["size"], o["last_modified"].timestamp())
+                     for o in result["objects"]]
         except FileNotFoundError as e:
             raise self._missing(directory, e) from None
+        except RemoteError as e:
+            # The client refuses the whole listing when one key (or common prefix) is not a
+            # path it accepts, such as a key with a `..` segment that anyone who can write to
+            # the bucket may plant: every save, gc, check and stats failed. List those pages
+            # ourselves and leave the odd keys out below.
+            if "invalid path" not in str(e) and "illegal character" not in str(e):
+                raise
+            found = self._call("LIST", directory, lambda: _raw_list(self, prefix))
         base = f"{prefix}/" if prefix else ""
         # a key planted with a `..` segment or odd characters is not ours: leave it out
-        return [Entry(o["path"].removeprefix(base), o["size"], o["last_modified"].timestamp())
-                for o in result["objects"] if valid_name(o["path"])
-                and o["path"].startswith(base) and "/" not in o["path"][len(base):]]
+        return [Entry(path.removeprefix(base), size, mtime) for path, size, mtime in found
+                if valid_name(path) and path.startswith(base) and "/" not in path[len(base):]]
 
     def move(self, name: str, new_name: str) -> bool:
         check_name(name)
@@ -259,3 +273,89 @@ class _ResumingReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# A plain ListObjectsV2 request, signed here (AWS Signature Version 4), for the one case the
+# client cannot handle: a listing holding a key that is not a valid object_store path.
+
+
+def _quote(text: str, safe: str = "") -> str:
+    return urllib.parse.quote(text, safe="-_.~" + safe)
+
+
+def _sign(method: str, url: str, query: dict[str, str], *, region: str, access_key: str,
+          secret_key: str, token: str | None, now: datetime) -> dict[str, str]:
+    """The headers that authenticate an empty-bodied request (SigV4, service s3)."""
+    parts = urllib.parse.urlsplit(url)
+    amz_date, day = now.strftime("%Y%m%dT%H%M%SZ"), now.strftime("%Y%m%d")
+    payload = hashlib.sha256(b"").hexdigest()
+    headers = {"host": parts.netloc, "x-amz-content-sha256": payload, "x-amz-date": amz_date}
+    if token:
+        headers["x-amz-security-token"] = token
+    signed = ";".join(sorted(headers))
+    canonical = "\n".join([
+        method, _quote(parts.path or "/", safe="/"),
+        "&".join(f"{_quote(k)}={_quote(v)}" for k, v in sorted(query.items())),
+        "".join(f"{k}:{headers[k]}\n" for k in sorted(headers)), signed, payload])
+    scope = f"{day}/{region}/s3/aws4_request"
+    to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope,
+                         hashlib.sha256(canonical.encode()).hexdigest()])
+    key = ("AWS4" + secret_key).encode()
+    for part in (day, region, "s3", "aws4_request"):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+    headers["authorization"] = (f"AWS4-HMAC-SHA256 Credential={access_key}/{scope}, "
+                                f"SignedHeaders={signed}, Signature={signature}")
+    return headers
+
+
+def _raw_list(backend: S3Backend, directory: str | None) -> list[tuple[str, int, float]]:
+    """The objects directly under `directory` as (name relative to the store, size, mtime),
+    whatever their keys, from ListObjectsV2 pages fetched and signed here."""
+    env = os.environ
+    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1"
+    access_key, secret_key = env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY")
+    if not access_key or not secret_key:
+        raise OSError("a listing holds a key the client refuses, and listing it directly "
+                      "needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+    endpoint = (env.get("AWS_ENDPOINT_URL") or env.get("AWS_ENDPOINT")
+                or f"https://s3.{region}.amazonaws.com").rstrip("/")
+    if env.get("AWS_VIRTUAL_HOSTED_STYLE_REQUEST", "").lower() == "true":
+        scheme, _, host = endpoint.partition("://")
+        url = f"{scheme}://{backend.bucket}.{host}/"
+    else:
+        url = f"{endpoint}/{backend.bucket}"
+    store_prefix = f"{backend.prefix}/" if backend.prefix else ""
+    # encoding-type=url: a key may hold characters XML 1.0 cannot carry (a NUL, say);
+    # keys then come percent-encoded with `+` for a space, as AWS's own SDKs decode them
+    query = {"list-type": "2", "delimiter": "/", "encoding-type": "url",
+             "prefix": store_prefix + (f"{directory}/" if directory else "")}
+    out: list[tuple[str, int, float]] = []
+    ns = "{http://s3.amazonaws.com/doc/2006-03-01/}"
+    while True:
+        headers = _sign("GET", url, query, region=region, access_key=access_key,
+                        secret_key=secret_key, token=env.get("AWS_SESSION_TOKEN"),
+                        now=datetime.now(timezone.utc))
+        request = urllib.request.Request(
+            url + "?" + "&".join(f"{_quote(k)}={_quote(v)}" for k, v in sorted(query.items())),
+            headers={"Host" if k == "host" else k: v for k, v in headers.items()})
+        with urllib.request.urlopen(request, timeout=backend.timeout) as response:
+            body = response.read()
+        try:
+            root = ElementTree.fromstring(body)
+        except ElementTree.ParseError as e:
+            raise OSError(f"the listing is not well-formed XML ({e})") from None
+        for obj in root.iter(f"{ns}Contents"):
+            key = urllib.parse.unquote_plus(obj.findtext(f"{ns}Key") or "")
+            size = obj.findtext(f"{ns}Size") or "0"
+            stamp = (obj.findtext(f"{ns}LastModified") or "").replace("Z", "+00:00")
+            try:
+                mtime = datetime.fromisoformat(stamp).timestamp()
+            except ValueError:
+                mtime = 0.0
+            if key.startswith(store_prefix) and size.isdigit():
+                out.append((key[len(store_prefix):], int(size), mtime))
+        token = root.findtext(f"{ns}NextContinuationToken")
+        if root.findtext(f"{ns}IsTruncated") != "true" or not token:
+            return out
+        query["continuation-token"] = token

@@ -456,7 +456,8 @@ def _verify_reused(plan: SavePlan, chunks: ChunkStore, jobs: int) -> list[str]:
 
     def digest(path: str) -> tuple[int, str] | None:
         try:
-            return chunks.quick_digest(plan.reused[path].key, item=path)
+            ref = plan.reused[path]
+            return chunks.quick_digest(ref.key, item=path, size=ref.size)
         except IncstoreError:
             return None
 
@@ -485,7 +486,10 @@ def _sign_reused(plan: SavePlan, chunks: ChunkStore, reused: dict[str, ChunkRef]
                 return
         except (FileNotFoundError, IncstoreError, UnicodeDecodeError):
             pass
-        write_narinfo(chunks, info, ref.key, ref, signer)
+        # a narinfo that cannot be rewritten keeps its item's old signatures; the signed
+        # manifest still covers the item
+        with contextlib.suppress(IncstoreError):
+            write_narinfo(chunks, info, ref.key, ref, signer)
 
     for _ in bounded_map(one, sorted(infos), workers=max(jobs, chunks.backend.min_workers)):
         pass
@@ -520,8 +524,9 @@ def _harvest(plan: SavePlan, chunks: ChunkStore, refs: dict[str, ChunkRef],
             text = signature.read_substitute_cache_entry(raw, check_expiry=False)
             if text is not None and describes(text, info.path, info.hash, info.nar_size,
                                               info.references):
-                chunks.write_upstream_narinfo(ref.key, text)
-                found.add(info.path)
+                with contextlib.suppress(IncstoreError):
+                    chunks.write_upstream_narinfo(ref.key, text)
+                    found.add(info.path)
                 break
     return found
 
@@ -535,6 +540,7 @@ def _save(plan: SavePlan, chunks: ChunkStore, manifest_path: Path | None, name: 
             del reused[path]
     refs: dict[str, ChunkRef] = dict(reused)
     failed: list[IncstoreError] = []
+    failed_paths: set[str] = set()  # errors may name the chunk store rather than the item
     written: list[str] = []
 
     def one(info: db.PathInfo) -> ChunkRef | IncstoreError:
@@ -543,13 +549,17 @@ def _save(plan: SavePlan, chunks: ChunkStore, manifest_path: Path | None, name: 
             return write_chunk(chunks, plan.store, info, plan.keys[info.path], level, threads,
                                signer=signer)
         except IncstoreError as e:
-            return e
+            if e.item == info.path:
+                return e
+            # name the item: a chunk store error names the store or the key
+            return type(e)(str(e), item=info.path)
 
     def run(todo: list[db.PathInfo]) -> None:
         workers = max(jobs, chunks.backend.min_workers)
         for info, outcome in bounded_map(one, todo, workers=workers):
             if isinstance(outcome, IncstoreError):
                 failed.append(outcome)
+                failed_paths.add(info.path)
                 if progress:
                     progress("failed", str(outcome))
                 continue
@@ -570,7 +580,7 @@ def _save(plan: SavePlan, chunks: ChunkStore, manifest_path: Path | None, name: 
     items = [Item(info, refs[info.path], _seen(plan.previous, info, now),
                   signer.sigs(info) if signer else _db_sigs(info), info.path in upstream)
              for info in plan.items if info.path in refs] + list(plan.carried)
-    items = _without_dependents(items, {e.item for e in failed if e.item})
+    items = _without_dependents(items, failed_paths)
     manifest = Manifest.from_items(plan.flavour, items, created=now_utc(), name=name,
                                    external=plan.external)
     if manifest_path is not None:

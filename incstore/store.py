@@ -69,6 +69,11 @@ class Store:
         if os.geteuid() != 0:
             return None
         found = _running_daemon_owner(self.flavour.name)
+        if found is not None and found != (0, 0) and not _is_daemon_account(
+                found[0], self.flavour.name):
+            # anyone can name a process guix-daemon: only root's or the service account's
+            # counts, or a user could have a root restore give every item to them
+            found = None
         if found is None:
             with contextlib.suppress(KeyError):
                 user = pwd.getpwnam(DAEMON_USERS[self.flavour.name])
@@ -76,6 +81,13 @@ class Store:
                     if self.store_root.stat().st_uid == user.pw_uid:
                         found = (user.pw_uid, user.pw_gid)
         return None if found is None or found == (0, 0) else found
+
+
+def _is_daemon_account(uid: int, flavour: str) -> bool:
+    try:
+        return pwd.getpwuid(uid).pw_name == DAEMON_USERS[flavour]
+    except KeyError:
+        return False
 
 
 def _running_daemon_owner(flavour: str) -> tuple[int, int] | None:

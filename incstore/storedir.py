@@ -303,6 +303,13 @@ class ItemLock:
                     os.close(fd)
                     return False
                 st = os.fstat(fd)
+                if _is_store_item(st):
+                    # `X.lock` may itself be a valid store item (one registered by another
+                    # manifest): unlinking it as a stale lock, or writing the `d` marker into
+                    # it, would destroy that item. Store items have the canonical mtime of 1,
+                    # lock files never do.
+                    raise StoreError("is a store item, not a lock file; not taking the lock "
+                                     "of " + name_of(self.name), item=self.name)
                 if st.st_size == 0:
                     self.fd, self.ident = fd, (st.st_dev, st.st_ino)
                     return True
@@ -330,6 +337,16 @@ class ItemLock:
             os.write(self.fd, b"d")
         os.close(self.fd)
         self.fd = None
+
+
+def name_of(lock_name: str) -> str:
+    return lock_name.removesuffix(LOCK_SUFFIX)
+
+
+def _is_store_item(st: os.stat_result) -> bool:
+    """The canonical store mtime of 1: an item, never a lock file (the daemon and incstore
+    create those, and leave them at their time of creation)."""
+    return st.st_mtime == 1
 
 
 def is_lock_name(name: str) -> bool:
