@@ -32,7 +32,18 @@ from typing import Any
 
 from bench import daemondb, guixstore
 from bench.guixstore import StoreSpec, Summary
-from bench.measure import INCSTORE, Row, Sample, du, pair, table, tar_create, tar_extract, wipe
+from bench.measure import (
+    INCSTORE,
+    CommandFailed,
+    Row,
+    Sample,
+    du,
+    pair,
+    table,
+    tar_create,
+    tar_extract,
+    wipe,
+)
 
 OUT = guixstore.OUT
 SCENARIOS = ("cold save", "save, nothing new", "restore, empty store", "restore, 90% present",
@@ -54,29 +65,48 @@ def store_rows(prefix: Path, summary: Summary, where: Iterable[str], reps: int, 
 
     def done(row: Row) -> Row:
         rows.append(row)
+        if row.failed:
+            log(f"  {n:>6} items  {row.scenario:22} {row.where:4}  FAILED {row.failed}")
+            return row
         ratio = f"{row.ratio:.3f}" if row.ratio is not None else "-"
         log(f"  {n:>6} items  {row.scenario:22} {row.where:4}  incstore "
             f"{Row.med(row.ours):7.2f} s  baseline {Row.med(row.base):7.2f} s  ratio {ratio}")
         return row
 
+    def give_up(row: Row, error: CommandFailed, rest: list[tuple[str, str]]) -> None:
+        """A command failed (a finding, not a bench error): record it, and the scenarios that
+        needed its result as not run."""
+        row.failed, row.ours, row.base = error.summary, [], []
+        done(row)
+        for scenario, place in rest:
+            done(Row(scenario, place, items=n, failed=f"not run ({row.scenario} failed)"))
+
+    restores = [(s, p) for p in where for s in SCENARIOS[2:]]
     try:
         cache, manifest, archive = work / "cache", work / "m.json", work / "store.tar.zst"
         save = [*INCSTORE, "save", "--db", str(db_path), "--prefix", str(prefix),
                 "--cache", str(cache), "--manifest", str(manifest)]
         row = Row("cold save", "disk", items=n)
-        for rep in range(reps):
-            wipe(cache)
-            pair(row, rep, save, tar_create(prefix, archive), reset=lambda: wipe(cache))
+        try:
+            for rep in range(reps):
+                wipe(cache)
+                pair(row, rep, save, tar_create(prefix, archive), reset=lambda: wipe(cache))
+        except CommandFailed as e:
+            give_up(row, e, [("save, nothing new", "disk"), *restores])
+            return rows
         row.ours_bytes, row.base_bytes = du(cache) + du(manifest), du(archive)
         done(row)
 
         row = Row("save, nothing new", "disk", items=n)
-        for rep in range(reps):
-            before = du(cache)
-            pair(row, rep, save, tar_create(prefix, archive))
-            row.ours_bytes = du(cache) - before + du(manifest)
-        row.base_bytes = du(archive)
-        done(row)
+        try:
+            for rep in range(reps):
+                before = du(cache)
+                pair(row, rep, save, tar_create(prefix, archive))
+                row.ours_bytes = du(cache) - before + du(manifest)
+            row.base_bytes = du(archive)
+            done(row)
+        except CommandFailed as e:
+            give_up(row, e, [])
 
         for place in where:
             root = Path(tempfile.mkdtemp(prefix="incstore-growth-",
@@ -91,9 +121,13 @@ def store_rows(prefix: Path, summary: Summary, where: Iterable[str], reps: int, 
                     wipe(dst)
                     wipe(base_dst)
 
-                for rep in range(reps):
-                    empty()
-                    pair(row, rep, restore, tar_extract(archive, base_dst), reset=empty)
+                try:
+                    for rep in range(reps):
+                        empty()
+                        pair(row, rep, restore, tar_extract(archive, base_dst), reset=empty)
+                except CommandFailed as e:
+                    give_up(row, e, [(s, place) for s in SCENARIOS[3:]])
+                    continue
                 row.ours_bytes, row.base_bytes = du(dst), du(base_dst)
                 done(row)
 
@@ -102,17 +136,23 @@ def store_rows(prefix: Path, summary: Summary, where: Iterable[str], reps: int, 
                 def missing(dst: Path = dst, base_dst: Path = base_dst) -> int:
                     return daemondb.drop(dst, 0.10, mirrors=[base_dst]).file_bytes
 
-                for rep in range(reps):
-                    row.ours_bytes = missing()
-                    pair(row, rep, restore, tar_extract(archive, base_dst), reset=missing)
-                row.base_bytes = du(base_dst)
-                done(row)
+                try:
+                    for rep in range(reps):
+                        row.ours_bytes = missing()
+                        pair(row, rep, restore, tar_extract(archive, base_dst), reset=missing)
+                    row.base_bytes = du(base_dst)
+                    done(row)
+                except CommandFailed as e:
+                    give_up(row, e, [])
 
                 row = Row("no-op restore", place, items=n)
-                for rep in range(reps):
-                    pair(row, rep, restore, tar_extract(archive, base_dst))
-                row.base_bytes = du(base_dst)
-                done(row)
+                try:
+                    for rep in range(reps):
+                        pair(row, rep, restore, tar_extract(archive, base_dst))
+                    row.base_bytes = du(base_dst)
+                    done(row)
+                except CommandFailed as e:
+                    give_up(row, e, [])
             finally:
                 wipe(root)
     finally:
@@ -133,6 +173,10 @@ def _write_csv(path: Path, rows: list[Row], shapes: dict[int, Summary]) -> None:
                     "baseline_samples_s"])
         for r in rows:
             shape = shapes[r.items]
+            if r.failed:
+                w.writerow([r.items, shape.nar_bytes, shape.entries, r.scenario, r.where,
+                            f"failed: {r.failed}"])
+                continue
             w.writerow([r.items, shape.nar_bytes, shape.entries, r.scenario, r.where,
                         f"{Row.med(r.ours):.3f}", f"{Row.med(r.base):.3f}", f"{r.ratio:.4f}",
                         r.ours_bytes, r.base_bytes, f"{Row.peak(r.ours):.0f}",
@@ -157,8 +201,8 @@ def plot(rows: list[Row], path: Path) -> bool:
     places = sorted({r.where for r in rows if r.scenario.startswith(("restore", "no-op"))})
     for i, scenario in enumerate(SCENARIOS):
         for place in places if scenario.startswith(("restore", "no-op")) else ["disk"]:
-            pts = sorted((r.items, r) for r in rows if r.scenario == scenario and
-                         r.where == place)
+            pts = sorted(((r.items, r) for r in rows if r.scenario == scenario and
+                          r.where == place and not r.failed), key=lambda p: p[0])
             if not pts:
                 continue
             xs = [x for x, _ in pts]

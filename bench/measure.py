@@ -69,14 +69,15 @@ class Row:
     base_bytes: int = 0
     items: int = 0  # store size, for the growth curve
     retries: int = 0  # pairs run again because the machine was busy (see `pair`)
+    failed: str = ""  # why incstore or the baseline failed, if one did (no samples then)
 
     @staticmethod
     def med(samples: list[Sample]) -> float:
-        return statistics.median(s.seconds for s in samples)
+        return statistics.median(s.seconds for s in samples) if samples else float("nan")
 
     @staticmethod
     def peak(samples: list[Sample]) -> float:
-        return max(s.peak for s in samples) / 1024
+        return max((s.peak for s in samples), default=0) / 1024
 
     @staticmethod
     def foreign(samples: list[Sample]) -> float:
@@ -85,7 +86,7 @@ class Row:
 
     @property
     def ratio(self) -> float | None:
-        return Row.med(self.ours) / Row.med(self.base) if self.base else None
+        return Row.med(self.ours) / Row.med(self.base) if self.base and self.ours else None
 
     def to_json(self) -> dict[str, object]:
         return {**{k: v for k, v in self.__dict__.items() if k not in ("ours", "base")},
@@ -139,6 +140,16 @@ def _busy_cpu() -> float:
     return (sum(fields) - idle - guest) / _TICK
 
 
+class CommandFailed(SystemExit):
+    """A timed command exited non-zero; `summary` is the last line of its stderr. A subclass
+    of SystemExit, so a caller that does not handle it still stops with the message."""
+
+    def __init__(self, cmd: list[str] | str, code: int, stderr: str) -> None:
+        lines = [ln for ln in stderr.splitlines() if ln.strip()]
+        self.summary = f"exit {code}: {lines[-1].strip() if lines else ''}"[:200]
+        super().__init__(f"failed ({code}): {cmd}\n{stderr}")
+
+
 def timed(cmd: list[str] | str, env: dict[str, str] | None = None) -> Sample:
     """Run a command (a shell string runs under bash); its wall seconds and peak memory.
 
@@ -163,7 +174,7 @@ def timed(cmd: list[str] | str, env: dict[str, str] | None = None) -> Sample:
         sampler.join()
         if code != 0:
             err.seek(0)
-            raise SystemExit(f"failed ({code}): {cmd}\n{err.read().decode(errors='replace')}")
+            raise CommandFailed(cmd, code, err.read().decode(errors="replace"))
         peak_kb, user, system = rss.read().split()[-3:]
         # GNU time counts the tree's own CPU; the sampler thread's few ms stay "foreign"
         foreign = max(0.0, busy - float(user) - float(system))
@@ -253,6 +264,11 @@ def table(rows: list[Row], with_items: bool = False) -> str:
         ncol += 1
     lines = [head, "|" + "---|" * ncol]
     for r in rows:
+        if r.failed:
+            first = f"| {r.items:,} " if with_items else ""
+            lines.append(f"{first}| {r.scenario} | {r.where} | failed: {r.failed} |"
+                         + " |" * (ncol - (4 if with_items else 3)))
+            continue
         ours = Row.med(r.ours)
         if r.base:
             base_s, ratio = f"{Row.med(r.base):.2f}", f"{r.ratio:.3f}"
