@@ -10,14 +10,17 @@ a single PUT or a completed multipart upload remotely. `create` never replaces a
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
+import tempfile
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO, NamedTuple, Protocol
+from typing import Any, BinaryIO, NamedTuple, Protocol
 
-from incstore import atomicfile, regularfile
+from incstore import atomicfile, faults, regularfile
 from incstore.atomicfile import AlreadyExists
 from incstore.errors import ChunkStoreError
 
@@ -50,6 +53,14 @@ def check_name(name: str) -> str:
     if not valid_name(name):
         raise ChunkStoreError(f"invalid blob name {name!r}")
     return name
+
+
+class Staged(NamedTuple):
+    """A blob written but not yet published under its name (see `Backend.stage`)."""
+
+    name: str
+    tmp: str  # where it waits: a temporary file's path, or a spool file's
+    size: int
 
 
 class Backend(ABC):
@@ -88,6 +99,19 @@ class Backend(ABC):
         """The blobs directly inside `directory` ("" for the top), names relative to it. Names
         that are not valid blob names (planted by someone else) are left out."""
 
+    def lstat(self, name: str) -> os.stat_result | None:
+        """The blob file's own status, where blobs are files (None elsewhere, or if missing)."""
+        return None
+
+    def scan(self, directory: str) -> Iterator[Entry]:
+        """What `listdir` lists, one entry at a time where the backend can (a large chunk
+        store is summed without holding its listing)."""
+        return iter(self.listdir(directory))
+
+    def names(self, directory: str) -> list[str]:
+        """The names `listdir` would give, where they are cheaper to get alone."""
+        return [e.name for e in self.listdir(directory)]
+
     @abstractmethod
     def move(self, name: str, new_name: str) -> bool:
         """Move a blob to a new name (replacing nothing); False if it was not there."""
@@ -108,11 +132,80 @@ class Backend(ABC):
         self.delete(name)
         return True
 
-    def renew(self, name: str) -> None:  # noqa: B027 (optional: a no-op where unsupported)
-        """Move the blob's mtime to now, where the backend can do that without rewriting it."""
+    def renew(self, name: str) -> os.stat_result | None:
+        """Move the blob's mtime to now, where the backend can do that without rewriting it,
+        and return the blob file's status after that (None where unsupported, or missing)."""
+        return None
 
     def local_path(self, name: str) -> Path:
         raise ChunkStoreError(f"{self.url} is not a local directory")
+
+    # many small blobs: written first, made durable and published together ----------------
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[StageFile]:
+        """Write a blob to be published later with `publish` (its content is complete and in
+        a file when the block ends without an exception; else nothing is left)."""
+        check_name(name)
+        spool = tempfile.NamedTemporaryFile(prefix=atomicfile.TEMP_PREFIX, delete=False)  # noqa: SIM115
+        out = StageFile(spool, name, spool.name)
+        try:
+            yield out
+            spool.close()
+        except BaseException:
+            spool.close()
+            os.unlink(spool.name)
+            raise
+
+    def publish(self, staged: list[Staged], *, replace: bool) -> list[bool]:
+        """Give each staged blob its name: create-only (False where the name is taken) unless
+        `replace`. Each is uploaded on its own: remote writes are atomic."""
+        done = []
+        for blob in staged:
+            try:
+                if replace:
+                    with open(blob.tmp, "rb") as f:
+                        self.write(blob.name, f.read())
+                    done.append(True)
+                    continue
+                try:
+                    with self.create(blob.name) as out, open(blob.tmp, "rb") as f:
+                        while piece := f.read(1 << 20):
+                            out.write(piece)
+                    done.append(True)
+                except AlreadyExists:
+                    done.append(False)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(blob.tmp)
+        return done
+
+    def discard(self, staged: Staged) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staged.tmp)
+
+    def close(self) -> None:  # noqa: B027 (optional: nothing to release by default)
+        """Release what the backend holds open."""
+
+
+class StageFile:
+    """The file a `stage` block writes into; `staged` says where it went."""
+
+    def __init__(self, f: Any, name: str, tmp: str) -> None:
+        self.f = f
+        self.name = name
+        self.tmp = tmp
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.size += len(data)
+        return int(self.f.write(data))
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    @property
+    def staged(self) -> Staged:
+        return Staged(self.name, self.tmp, self.size)
 
 
 class LocalBackend(Backend):
@@ -121,6 +214,8 @@ class LocalBackend(Backend):
     def __init__(self, root: Path) -> None:
         self.root = root
         self.url = str(root)
+        self._dirs: dict[str, int] = {}
+        self._lock = threading.Lock()
 
     def local_path(self, name: str) -> Path:
         return self.root / check_name(name)
@@ -168,20 +263,57 @@ class LocalBackend(Backend):
             raise
         return fd
 
-    def _parent(self, name: str) -> Path:
-        path = self.local_path(name)
-        directory = name.rpartition("/")[0]
-        try:
-            os.close(self._dir_fd(directory, create=True))
-        except OSError as e:
-            raise ChunkStoreError(f"cannot use the directory of {name}: {e.strerror or e}",
-                                  item=self.url) from e
-        return path
+    def _dir(self, name: str) -> tuple[int, str]:
+        """The descriptor of a blob's directory (opened and checked once, then kept: every
+        write goes through it, so a symlink planted later is never followed) and the blob's
+        base name."""
+        directory, _, base = check_name(name).rpartition("/")
+        with self._lock:
+            fd = self._dirs.get(directory)
+            if fd is None:
+                try:
+                    fd = self._dir_fd(directory, create=True)
+                except OSError as e:
+                    raise ChunkStoreError(f"cannot use the directory of {name}: "
+                                          f"{e.strerror or e}", item=self.url) from e
+                self._dirs[directory] = fd
+        return fd, base
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._dirs.values():
+                os.close(fd)
+            self._dirs.clear()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+    @staticmethod
+    def _new_temp(fd: int, base: str) -> tuple[int, str]:
+        tmp = f"{atomicfile.TEMP_PREFIX}{os.getpid()}-{os.urandom(6).hex()}-{base}"
+        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                      0o644, dir_fd=fd)
+        return out, tmp
 
     def write(self, name: str, data: bytes) -> None:
-        path = self._parent(name)
+        fd, base = self._dir(name)
         try:
-            atomicfile.write_bytes(path, data)
+            out, tmp = self._new_temp(fd, base)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(out, view):]
+                os.fsync(out)
+            finally:
+                os.close(out)
+            try:
+                os.rename(tmp, base, src_dir_fd=fd, dst_dir_fd=fd)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp, dir_fd=fd)
+                raise
+            os.fsync(fd)
         except OSError as e:
             # e.g. a directory planted at a narinfo's name: one error for that blob, not an
             # unexplained OSError that ends the whole run
@@ -189,8 +321,73 @@ class LocalBackend(Backend):
 
     @contextlib.contextmanager
     def create(self, name: str) -> Iterator[BinaryIO]:
-        with atomicfile.atomic_writer(self._parent(name), create_only=True) as f:
-            yield f
+        fd, base = self._dir(name)
+        out, tmp = self._new_temp(fd, base)
+        try:
+            with os.fdopen(out, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            faults.point("atomicfile.before-rename")
+            try:
+                os.link(tmp, base, src_dir_fd=fd, dst_dir_fd=fd, follow_symlinks=False)
+            except FileExistsError:
+                raise AlreadyExists(name) from None
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=fd)
+        os.fsync(fd)
+        faults.point("atomicfile.after-rename")
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[StageFile]:
+        fd, base = self._dir(name)
+        out, tmp = self._new_temp(fd, base)
+        try:
+            with os.fdopen(out, "wb") as f:
+                yield StageFile(f, name, tmp)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=fd)
+            raise
+
+    def publish(self, staged: list[Staged], *, replace: bool) -> list[bool]:
+        """Make the staged blobs durable with one file-system sync (instead of an fsync each),
+        then give each its name, and sync the directories once: every blob is complete and
+        durable before it has a name."""
+        if not staged:
+            return []
+        _syncfs(self._dir(staged[0].name)[0])
+        faults.point("atomicfile.before-rename")
+        done = []
+        dirs = set()
+        for blob in staged:
+            fd, base = self._dir(blob.name)
+            dirs.add(fd)
+            try:
+                if replace:
+                    os.rename(blob.tmp, base, src_dir_fd=fd, dst_dir_fd=fd)
+                    done.append(True)
+                    continue
+                try:
+                    os.link(blob.tmp, base, src_dir_fd=fd, dst_dir_fd=fd,
+                            follow_symlinks=False)
+                    done.append(True)
+                except FileExistsError:
+                    done.append(False)
+                os.unlink(blob.tmp, dir_fd=fd)
+            except OSError as e:
+                raise ChunkStoreError(f"cannot publish {blob.name}: {e.strerror or e}",
+                                      item=self.url) from e
+        for fd in dirs:
+            os.fsync(fd)
+        faults.point("atomicfile.after-rename")
+        return done
+
+    def discard(self, staged: Staged) -> None:
+        fd, _ = self._dir(staged.name)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staged.tmp, dir_fd=fd)
 
     def delete(self, name: str) -> None:
         # through the directory's descriptor: a symlinked `nar/` must not make a restore
@@ -214,8 +411,10 @@ class LocalBackend(Backend):
             os.close(fd)
 
     def listdir(self, directory: str) -> list[Entry]:
+        return list(self.scan(directory))
+
+    def scan(self, directory: str) -> Iterator[Entry]:
         where = self.root / check_name(directory) if directory else self.root
-        out = []
         with contextlib.suppress(FileNotFoundError, NotADirectoryError), \
                 os.scandir(where) as entries:
             for e in entries:
@@ -223,8 +422,23 @@ class LocalBackend(Backend):
                         and valid_name(e.name):
                     with contextlib.suppress(FileNotFoundError):
                         st = e.stat(follow_symlinks=False)
-                        out.append(Entry(e.name, st.st_size, st.st_mtime))
-        return out
+                        yield Entry(e.name, st.st_size, st.st_mtime)
+
+    def lstat(self, name: str) -> os.stat_result | None:
+        fd, base = self._dir(name)
+        try:
+            return os.stat(base, dir_fd=fd, follow_symlinks=False)
+        except OSError:
+            return None
+
+    def names(self, directory: str) -> list[str]:
+        # the listing's file types alone: no stat per entry
+        where = self.root / check_name(directory) if directory else self.root
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError), \
+                os.scandir(where) as entries:
+            return [e.name for e in entries if e.is_file(follow_symlinks=False)
+                    and not atomicfile.is_temp_name(e.name) and valid_name(e.name)]
+        return []
 
     def move(self, name: str, new_name: str) -> bool:
         # both directories through descriptors that never follow a symlink (see `_dir_fd`)
@@ -252,9 +466,14 @@ class LocalBackend(Backend):
                 os.close(fd)
         return True
 
-    def renew(self, name: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.utime(self.local_path(name))
+    def renew(self, name: str) -> os.stat_result | None:
+        fd, base = self._dir(name)
+        try:
+            # never through a symlink planted at the name: only the blob's own times change
+            os.utime(base, dir_fd=fd, follow_symlinks=False)
+            return os.stat(base, dir_fd=fd, follow_symlinks=False)
+        except OSError:
+            return None
 
     def delete_if_older(self, name: str, cutoff: float) -> bool:
         # Move it aside first, then look at its mtime: a renew that came before the move shows
@@ -283,6 +502,26 @@ class LocalBackend(Backend):
     def sweep(self) -> list[str]:
         return [name for directory, _, _ in os.walk(self.root)
                 for name in atomicfile.sweep(Path(directory))]
+
+
+@functools.cache
+def _libc_syncfs() -> Any:
+    """libc's syncfs(2), looked up on first use (ctypes costs an import on every run)."""
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).syncfs  # the symbols already in the process
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int]
+    return fn
+
+
+def _syncfs(fd: int) -> None:
+    """Flush everything written to the file system holding `fd` (one call for a batch)."""
+    syncfs = _libc_syncfs()
+    if syncfs is None or syncfs(fd) != 0:
+        os.sync()
 
 
 def open_backend(location: str | Path) -> Backend:

@@ -24,13 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-import xxhash
-import zstandard
-
 from incstore import frame
 from incstore.backend import Backend, Entry, Reader, open_backend
 from incstore.errors import ChunkCorruptError, ChunkMissingError, ChunkStoreError, ManifestError
-from incstore.manifest import NAME_RE, check_name
+from incstore.manifest import MAX_BYTES as MANIFEST_MAX_BYTES
+from incstore.manifest import NAME_RE, Manifest, check_name, parse_stream
 from incstore.storepath import KEY_RE, nix32_encode
 
 CACHE_INFO = "nix-cache-info"
@@ -197,8 +195,8 @@ class ChunkStore:
             raise ChunkStoreError(f"holds items of store {found}, not {store_dir}", item=self.url)
 
     def narinfo_keys(self) -> set[str]:
-        return {e.name.removesuffix(".narinfo") for e in self.backend.listdir("")
-                if e.name.endswith(".narinfo") and KEY_RE.fullmatch(e.name[: -len(".narinfo")])}
+        return {name.removesuffix(".narinfo") for name in self.backend.names("")
+                if name.endswith(".narinfo") and KEY_RE.fullmatch(name[: -len(".narinfo")])}
 
     def complete_keys(self) -> set[str]:
         """Keys with both their narinfo and their chunk: two listings, none per item."""
@@ -244,6 +242,9 @@ class ChunkStore:
         `nar_size`, or the file its recorded `size` (when given). A chunk that is not exactly
         one zstd frame with a content checksum is corrupt.
         """
+        import xxhash
+        import zstandard
+
         label = item or key
         xxh = xxhash.xxh3_128()
         sha = hashlib.sha256()
@@ -298,6 +299,8 @@ class ChunkStore:
                      ) -> tuple[int, str]:
         """Size and XXH3-128 of a chunk file, read once without decompressing it, and no
         further than one byte past its recorded `size` (when given)."""
+        import xxhash
+
         xxh = xxhash.xxh3_128()
         found = 0
         f = self.open_chunk(key, item=item)
@@ -316,6 +319,16 @@ class ChunkStore:
         return {e.name.removesuffix(".nar.zst"): e for e in self.backend.listdir(NAR_DIR)
                 if e.name.endswith(".nar.zst") and KEY_RE.fullmatch(e.name[: -len(".nar.zst")])}
 
+    def chunk_keys(self) -> list[str]:
+        """The key of every chunk, sorted: one listing, no status per file."""
+        return sorted(name[: -len(".nar.zst")] for name in self.backend.names(NAR_DIR)
+                      if name.endswith(".nar.zst") and KEY_RE.fullmatch(name[: -len(".nar.zst")]))
+
+    def chunk_bytes(self) -> int:
+        """The bytes of every chunk, summed as the listing goes."""
+        return sum(e.size for e in self.backend.scan(NAR_DIR)
+                   if e.name.endswith(".nar.zst") and KEY_RE.fullmatch(e.name[: -len(".nar.zst")]))
+
     def quarantine(self, key: str) -> bool:
         """Move a chunk found not to hold its item's NAR aside (`quarantine/`) and delete its
         narinfo, so that the next save writes the item again; False if it was gone."""
@@ -327,11 +340,11 @@ class ChunkStore:
     def quarantined(self) -> list[Entry]:
         return self.backend.listdir(QUARANTINE_DIR)
 
-    def renew_chunks(self, keys: Iterable[str]) -> None:
-        """Renew the mtime of chunks a save reuses, where the backend can (gc's grace period
-        counts from it; see schema/FORMAT.md, garbage collection)."""
-        for key in keys:
-            self.backend.renew(self.chunk_name(key))
+    def renew_chunk(self, key: str) -> os.stat_result | None:
+        """Renew the mtime of a chunk a save reuses, where the backend can (gc's grace period
+        counts from it; see schema/FORMAT.md, garbage collection); the chunk file's status
+        after that, where it is a local file."""
+        return self.backend.renew(self.chunk_name(key))
 
     def sweep_chunk(self, key: str, cutoff: float) -> bool:
         """Delete a chunk whose mtime is before `cutoff`, checked atomically where the backend
@@ -354,10 +367,33 @@ class ChunkStore:
         self.backend.write(self.manifest_name(name), data)
 
     def read_manifest(self, name: str) -> bytes:
+        """A named manifest's bytes (refused beyond the size any manifest may have)."""
         try:
-            return self.backend.read(self.manifest_name(name))
+            f = self.backend.open(self.manifest_name(name))
         except FileNotFoundError as e:
             raise ManifestError("no manifest of that name in the chunk store", item=name) from e
+        try:
+            data = f.read(MANIFEST_MAX_BYTES + 1)
+        except OSError as e:
+            raise ChunkStoreError(f"cannot read manifest: {e.strerror or e}", item=name) from e
+        finally:
+            f.close()
+        if len(data) > MANIFEST_MAX_BYTES:
+            raise ManifestError(f"manifest is larger than {MANIFEST_MAX_BYTES} bytes", item=name)
+        return data
+
+    def load_manifest(self, name: str) -> Manifest:
+        """Parse a named manifest as it is read (never holding its bytes whole)."""
+        try:
+            f = self.backend.open(self.manifest_name(name))
+        except FileNotFoundError as e:
+            raise ManifestError("no manifest of that name in the chunk store", item=name) from e
+        try:
+            return parse_stream(f.read, name)
+        except OSError as e:
+            raise ChunkStoreError(f"cannot read manifest: {e.strerror or e}", item=name) from e
+        finally:
+            f.close()
 
     def read_manifest_sig(self, name: str) -> bytes | None:
         """The detached signature beside a named manifest, if there is one."""
@@ -371,6 +407,11 @@ class ChunkStore:
 
     def upstream_name(self, key: str) -> str:
         return f"{UPSTREAM_DIR}/{check_key(key)}.narinfo"
+
+    def upstream_keys(self) -> set[str]:
+        """Keys whose item has an upstream narinfo kept: one listing."""
+        return {name.removesuffix(".narinfo") for name in self.backend.names(UPSTREAM_DIR)
+                if name.endswith(".narinfo") and KEY_RE.fullmatch(name[: -len(".narinfo")])}
 
     def write_upstream_narinfo(self, key: str, text: str) -> None:
         """Keep the signed narinfo the substitute server gave for this chunk's item (Guix)."""

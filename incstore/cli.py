@@ -11,21 +11,24 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
-from incstore import __version__, db, manifest, signature, trust
-from incstore.check import check
+from incstore import __version__, manifest
 from incstore.chunkstore import ChunkStore
 from incstore.errors import IncstoreError, StoreError
-from incstore.gc import DEFAULT_GRACE, execute_gc, plan_gc, read_named
-from incstore.restore import RestorePlan, execute_restore, plan_restore
-from incstore.save import DEFAULT_LEVEL, execute_save, plan_save, previous_manifest
-from incstore.stats import diff, stats
-from incstore.store import Store, parse_owner
+
+if TYPE_CHECKING:
+    from incstore.restore import RestorePlan
+
+# each command imports the modules it needs when it runs: a run pays only for its own
+# (save and restore are what CI waits for; the signature code is loaded only with keys)
+DEFAULT_LEVEL = 2  # incstore.save.DEFAULT_LEVEL (a test keeps them equal)
+DEFAULT_GRACE = 3600  # incstore.gc.DEFAULT_GRACE
+DEFAULT_GUIX_ACL = "/etc/guix/acl"  # incstore.trust.DEFAULT_GUIX_ACL
 
 
 def default_cache() -> str:
@@ -49,11 +52,19 @@ def _progress(total: int, verb: str) -> Callable[[str, str], None] | None:
     return report
 
 
-def _emit(as_json: bool, doc: dict[str, Any], human: str) -> None:
+def _emit(as_json: bool, doc: dict[str, Any], human: str | Iterable[str]) -> None:
+    """The JSON document, or the human text (a string, or lines made as they are written: a
+    plan of 200,000 items is not built twice in memory)."""
+    out = click.get_text_stream("stdout")
     if as_json:
-        click.echo(json.dumps(doc, indent=2, sort_keys=True))
-    else:
+        json.dump(doc, out, indent=2, sort_keys=True)
+        out.write("\n")
+    elif isinstance(human, str):
         click.echo(human)
+    else:
+        for line in human:
+            out.write(line + "\n")
+    out.flush()
 
 
 def _finish(error: IncstoreError | None) -> None:
@@ -81,12 +92,19 @@ def cli() -> None:
     """A content-addressed, incremental store cache for Guix and Nix in CI."""
 
 
-def _load_manifest(manifest_path: Path | None, name: str | None, cache: str
-                   ) -> tuple[manifest.Manifest, bytes, bytes | None]:
-    """The manifest, its exact bytes and its detached signature (None if there is none)."""
+def _load_manifest(manifest_path: Path | None, name: str | None, cache: str, *,
+                   signed: bool) -> tuple[manifest.Manifest, bytes, bytes | None]:
+    """The manifest, its exact bytes and its detached signature (None if there is none).
+    Unless the signature is wanted, the manifest is parsed as it is read and the bytes are
+    not kept (b"")."""
     if (manifest_path is None) == (name is None):
         raise click.UsageError("give exactly one of --manifest FILE and --name NAME")
     chunks = ChunkStore(cache)
+    if not signed:
+        if manifest_path is not None:
+            return manifest.load(manifest_path), b"", None
+        assert name is not None
+        return chunks.load_manifest(name), b"", None
     for _ in range(3):
         # the signature is read on both sides of the manifest: a save replacing the two
         # between our reads shows as a change, and the pair is read again
@@ -152,6 +170,8 @@ def save(db_path: Path, prefix: Path, cache: str | None, manifest_path: Path | N
          level: int, carry_days: float, sign_key: Path | None, dry_run: bool,
          as_json: bool) -> None:
     """Save the store's valid paths into the chunk store and write a manifest."""
+    from incstore.save import execute_save, plan_save, previous_manifest
+
     if manifest_path is None and name is None:
         raise click.UsageError("give --manifest FILE, --name NAME, or both")
     if name is not None:
@@ -165,7 +185,11 @@ def save(db_path: Path, prefix: Path, cache: str | None, manifest_path: Path | N
         _emit(as_json, doc, f"would write {len(doc['write'])} chunk(s), reuse "
                             f"{len(doc['reuse'])}, of {doc['items']} item(s)")
         return
-    secret = signature.read_secret_key(sign_key) if sign_key is not None else None
+    secret = None
+    if sign_key is not None:
+        from incstore import signature
+
+        secret = signature.read_secret_key(sign_key)
     result = execute_save(plan, manifest_path, name=name, jobs=jobs, level=level,
                           progress=_progress(len(plan.to_write), "saved"), sign_key=secret)
     doc = result.to_json()
@@ -201,9 +225,9 @@ def save(db_path: Path, prefix: Path, cache: str | None, manifest_path: Path | N
               help="Trust this key: NAME:base64, a Nix public key file, or a Guix "
               "signing-key.pub (repeatable; also INCSTORE_TRUSTED_KEYS, space-separated). "
               "With any trust root, only what a trusted key signed is restored.")
-@click.option("--trust-guix-acl", is_flag=False, flag_value=str(trust.DEFAULT_GUIX_ACL),
+@click.option("--trust-guix-acl", is_flag=False, flag_value=DEFAULT_GUIX_ACL,
               default=None, metavar="[FILE]",
-              help=f"Trust the keys the Guix daemon trusts (default {trust.DEFAULT_GUIX_ACL}).")
+              help=f"Trust the keys the Guix daemon trusts (default {DEFAULT_GUIX_ACL}).")
 @click.option("--trust-nix-conf", is_flag=True,
               help="Trust nix.conf's trusted-public-keys ($NIX_CONF_DIR/nix.conf).")
 @click.option("--max-age", default=None, metavar="DURATION",
@@ -212,6 +236,9 @@ def save(db_path: Path, prefix: Path, cache: str | None, manifest_path: Path | N
 @click.option("--require-signed-manifest", is_flag=True,
               help="With trust roots: refuse the restore unless the manifest itself is signed "
               "by a trusted key (no falling back to item signatures).")
+@click.option("--deduplicate/--no-deduplicate", default=None,
+              help="Hard-link identical files through the store's .links, as the daemon does "
+              "[default: on for Guix (files of 8 KiB and more), off for Nix].")
 @jobs_option
 @click.option("--dry-run", is_flag=True, help="Print the plan and stop.")
 @json_option
@@ -219,8 +246,12 @@ def restore(manifest_path: Path | None, name: str | None, cache: str | None, pre
             db_path: Path | None, db_out: Path | None, db_mode: str, in_place: bool,
             owner: str | None, trusted_keys: tuple[str, ...], trust_guix_acl: str | None,
             trust_nix_conf: bool, max_age: str | None, require_signed_manifest: bool,
-            jobs: int, dry_run: bool, as_json: bool) -> None:
+            deduplicate: bool | None, jobs: int, dry_run: bool, as_json: bool) -> None:
     """Extract the manifest's missing items, verify them and register them."""
+    from incstore import trust
+    from incstore.restore import execute_restore, plan_restore
+    from incstore.store import parse_owner
+
     if db_out and (in_place or db_mode != "auto"):
         raise click.UsageError("--db-out excludes --in-place and --db-mode")
     try:
@@ -233,31 +264,38 @@ def restore(manifest_path: Path | None, name: str | None, cache: str | None, pre
     if require_signed_manifest and not roots.active:
         raise click.UsageError("--require-signed-manifest needs a trust root (--trusted-key...)")
     cache = cache or default_cache()
-    loaded, data, sig = _load_manifest(manifest_path, name, cache)
+    loaded, data, sig = _load_manifest(manifest_path, name, cache, signed=roots.active)
     policy = trust.Policy(roots, expected_name=name, max_age=age,
                           require_manifest=require_signed_manifest)
     plan = plan_restore(loaded, prefix, cache, db_path=db_path, db_out=db_out,
                         db_mode="in-place" if in_place else db_mode,  # type: ignore[arg-type]
                         owner=parse_owner(owner) if owner else None, policy=policy,
-                        data=data, sig=sig)
+                        data=data, sig=sig, deduplicate=deduplicate)
     if dry_run:
         doc = plan.to_json()
-        human = "\n".join(
-            [f"{action:8} {path}" for action in ("extract", "replace", "present")
-             for path in doc[action]]
-            + [f"refused  {one_line(r)}" for r in doc["refused"]]
-            + [f"would extract {len(doc['extract']) + len(doc['replace'])} of {doc['items']} "
-               f"item(s) into {doc['store']}; {_trust_line(plan)}"]
-        )
-        _emit(as_json, doc, human)
+
+        def human() -> Iterator[str]:
+            for action in ("extract", "replace", "present"):
+                for path in doc[action]:
+                    yield f"{action:8} {path}"
+            for r in doc["refused"]:
+                yield f"refused  {one_line(r)}"
+            yield (f"would extract {len(doc['extract']) + len(doc['replace'])} of "
+                   f"{doc['items']} item(s) into {doc['store']}; {_trust_line(plan)}")
+
+        _emit(as_json, doc, human())
         return
     result = execute_restore(plan, jobs=jobs,
                              progress=_progress(len(plan.to_extract), "restored"))
     doc = result.to_json()
     for warning in result.warnings:
         click.echo(f"warning: {one_line(warning)}", err=True)
+    linked = doc["deduplicated"]
+    saved = (f"; {linked['files']} file(s) hard-linked, {linked['bytes']:,} bytes saved"
+             if linked and linked["files"] else "")
     _emit(as_json, doc, f"restored {doc['extracted']} item(s), {doc['present']} already present, "
-                        f"registered {doc['registered']} in {doc['db']}; {_trust_line(plan)}")
+                        f"registered {doc['registered']} in {doc['db']}{saved}; "
+                        f"{_trust_line(plan)}")
     _finish(result.error())
 
 
@@ -285,6 +323,8 @@ def _trust_line(plan: RestorePlan) -> str:
 def gc(cache: str | None, keep_days: float | None, max_bytes: int | None,
        grace_minutes: float, dry_run: bool, as_json: bool) -> None:
     """Drop old manifests and sweep the chunks no kept manifest needs."""
+    from incstore.gc import execute_gc, plan_gc
+
     plan = plan_gc(cache or default_cache(), keep_days=keep_days, max_bytes=max_bytes,
                    grace_seconds=grace_minutes * 60)
     if dry_run:
@@ -317,6 +357,9 @@ def gc(cache: str | None, keep_days: float | None, max_bytes: int | None,
 def check_cmd(cache: str | None, manifest_paths: tuple[Path, ...], full: bool, jobs: int,
               as_json: bool) -> None:
     """Check that every chunk a manifest references is there and intact."""
+    from incstore.check import check
+    from incstore.gc import read_named
+
     cache = cache or default_cache()
     named = read_named(ChunkStore(cache))
     manifests = {**named.manifests, **{str(p): manifest.load(p) for p in manifest_paths}}
@@ -339,8 +382,11 @@ def check_cmd(cache: str | None, manifest_paths: tuple[Path, ...], full: bool, j
 @json_option
 def stats_cmd(cache: str | None, as_json: bool) -> None:
     """Items and bytes per manifest, unique versus shared, and their overlap."""
+    from incstore.gc import read_named
+    from incstore.stats import stats
+
     chunks = ChunkStore(cache or default_cache())
-    held = sum(e.size for e in chunks.chunk_files().values())
+    held = chunks.chunk_bytes()
     named = read_named(chunks)
     for name, why in sorted(named.invalid.items()):
         click.echo(f"warning: manifest {one_line(name)} cannot be read: {one_line(why)}",
@@ -362,6 +408,24 @@ def stats_cmd(cache: str | None, as_json: bool) -> None:
     _emit(as_json, doc, "\n".join(lines))
 
 
+@cli.command("catalogue")
+@cache_option
+@click.argument("out", type=click.Path(path_type=Path, dir_okay=False))
+@json_option
+def catalogue_cmd(cache: str | None, out: Path, as_json: bool) -> None:
+    """Write an SQLite catalogue of the chunk store to OUT: manifests, items, references and
+    chunks, with full-text search on item names (needs the catalogue extra, sqlite-utils)."""
+    from incstore.catalogue import write
+
+    report = write(cache or default_cache(), out)
+    doc = report.to_json()
+    for name in report.unreadable:
+        click.echo(f"warning: manifest {one_line(name)} cannot be read (listed in "
+                   "unreadable_manifests)", err=True)
+    _emit(as_json, doc, f"wrote {out}: {doc['manifests']} manifest(s), {doc['items']} item(s), "
+                        f"{doc['chunks']} chunk(s)")
+
+
 @cli.command("diff")
 @cache_option
 @click.argument("a")
@@ -369,13 +433,15 @@ def stats_cmd(cache: str | None, as_json: bool) -> None:
 @json_option
 def diff_cmd(cache: str | None, a: str, b: str, as_json: bool) -> None:
     """Compare two manifests (files, or names in the chunk store)."""
+    from incstore.stats import diff
+
     chunks = ChunkStore(cache or default_cache())
 
     def load(ref: str) -> manifest.Manifest:
         path = Path(ref)
         if path.is_file():
             return manifest.load(path)
-        return manifest.from_bytes(chunks.read_manifest(ref), ref)
+        return chunks.load_manifest(ref)
 
     report = diff(load(a), load(b))
     doc = report.to_json()
@@ -396,6 +462,8 @@ def diff_cmd(cache: str | None, a: str, b: str, as_json: bool) -> None:
 def keygen(name: str, secret_file: Path, public_file: Path, guix_format: bool) -> None:
     """Write a signing key pair: Nix's format (NAME:base64, as nix-store
     --generate-binary-cache-key writes it) unless --guix. The secret file is mode 0600."""
+    from incstore import signature
+
     signature.write_key_pair(name, secret_file, public_file, guix=guix_format)
     click.echo(f"wrote {secret_file} (secret, mode 0600) and {public_file}", err=True)
 
@@ -409,8 +477,10 @@ def keygen(name: str, secret_file: Path, public_file: Path, guix_format: bool) -
 @json_option
 def demo(flavour: str, workdir: Path | None, items: int, as_json: bool) -> None:
     """Build a sample store, save it, restore it into an empty prefix, and verify it."""
+    from incstore import db
     from incstore.demo import run_demo
     from incstore.sample import SampleSpec
+    from incstore.store import Store
 
     spec = SampleSpec(items=items)
     with tempfile.TemporaryDirectory(prefix="incstore-demo-") as tmp:

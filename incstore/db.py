@@ -12,6 +12,7 @@ The flavour (Guix schema 7 or Nix schema 10) is read from the DB's own columns, 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import sqlite3
 import urllib.parse
@@ -257,12 +258,18 @@ def is_valid_on(conn: sqlite3.Connection, path: str) -> bool:
     return conn.execute("select 1 from ValidPaths where path = ?", (path,)).fetchone() is not None
 
 
-def register(conn: sqlite3.Connection, flavour: Flavour, infos: Sequence[PathInfo]) -> None:
+REGISTER_SLICE = 2000  # rows built at a time: a restore of 200,000 items stays small
+
+
+def register(conn: sqlite3.Connection, flavour: Flavour, infos: Iterable[PathInfo]) -> None:
     """Register `infos` inside the caller's transaction: ValidPaths, then Refs, then outputs.
 
-    A path that is already valid keeps its id and registration data; only its hash and narSize
-    are updated, as the daemon's own updatePathInfo does. Every reference must be valid in the DB
-    or in `infos`.
+    `infos` are consumed once, a slice at a time, so a large restore never builds all its rows
+    at once; they usually come in dependency order (what an item references is in an earlier
+    slice, or already valid), and a reference to a later one waits for the end. A path that is
+    already valid keeps its id and registration data; only its hash and narSize are updated, as
+    the daemon's own updatePathInfo does. Every reference must be valid in the DB or among
+    `infos`.
     """
     columns = ["path", "hash", "registrationTime", "deriver", "narSize", *flavour.extra_columns]
     insert = (
@@ -270,37 +277,55 @@ def register(conn: sqlite3.Connection, flavour: Flavour, infos: Sequence[PathInf
         f"values ({', '.join('?' * len(columns))})"
     )
     ids: dict[str, int] = {}
-    for info in infos:
-        row = conn.execute("select id from ValidPaths where path = ?", (info.path,)).fetchone()
-        if row:
-            conn.execute(
-                "update ValidPaths set hash = ?, narSize = ? where id = ?",
-                (info.hash, info.nar_size, row[0]),
-            )
-            ids[info.path] = row[0]
-            continue
-        values = [info.path, info.hash, info.registration_time, info.deriver, info.nar_size]
-        values += [getattr(info, c) for c in flavour.extra_columns]
-        cursor = conn.execute(insert, values)
-        assert cursor.lastrowid is not None
-        ids[info.path] = cursor.lastrowid
+    later: list[tuple[int, str, str]] = []  # (referrer id, reference, referrer path)
 
-    def id_of(path: str, referrer: str) -> int:
+    def id_of(path: str) -> int | None:
         if path not in ids:
             row = conn.execute("select id from ValidPaths where path = ?", (path,)).fetchone()
             if row is None:
-                raise ManifestError(f"reference {path} is not valid", item=referrer)
+                return None
             ids[path] = row[0]
         return ids[path]
 
-    conn.executemany(
-        "insert or replace into Refs (referrer, reference) values (?, ?)",
-        [(ids[i.path], id_of(ref, i.path)) for i in infos for ref in i.references],
-    )
-    conn.executemany(
-        "insert or replace into DerivationOutputs (drv, id, path) values (?, ?, ?)",
-        [(ids[i.path], oid, opath) for i in infos for oid, opath in i.derivation_outputs],
-    )
+    def refs(chunk: list[PathInfo]) -> Iterator[tuple[int, int]]:
+        for i in chunk:
+            for ref in i.references:
+                found = id_of(ref)
+                if found is None:
+                    later.append((ids[i.path], ref, i.path))
+                else:
+                    yield ids[i.path], found
+
+    it = iter(infos)
+    while chunk := list(itertools.islice(it, REGISTER_SLICE)):
+        for info in chunk:
+            row = conn.execute("select id from ValidPaths where path = ?",
+                               (info.path,)).fetchone()
+            if row:
+                conn.execute(
+                    "update ValidPaths set hash = ?, narSize = ? where id = ?",
+                    (info.hash, info.nar_size, row[0]),
+                )
+                ids[info.path] = row[0]
+                continue
+            values = [info.path, info.hash, info.registration_time, info.deriver,
+                      info.nar_size]
+            values += [getattr(info, c) for c in flavour.extra_columns]
+            cursor = conn.execute(insert, values)
+            assert cursor.lastrowid is not None
+            ids[info.path] = cursor.lastrowid
+        conn.executemany("insert or replace into Refs (referrer, reference) values (?, ?)",
+                         refs(chunk))
+        conn.executemany(
+            "insert or replace into DerivationOutputs (drv, id, path) values (?, ?, ?)",
+            ((ids[i.path], oid, opath) for i in chunk for oid, opath in i.derivation_outputs),
+        )
+    for referrer, ref, path in later:
+        found = id_of(ref)
+        if found is None:
+            raise ManifestError(f"reference {ref} is not valid", item=path)
+        conn.execute("insert or replace into Refs (referrer, reference) values (?, ?)",
+                     (referrer, found))
 
 
 def _open_rw(path: Path) -> sqlite3.Connection:
@@ -325,10 +350,10 @@ def open_live(db_path: Path) -> sqlite3.Connection:
 
 
 def register_batch(conn: sqlite3.Connection, db_path: Path, flavour: Flavour,
-                   infos: Sequence[PathInfo]) -> None:
+                   infos: Iterable[PathInfo]) -> None:
     """Register `infos` in one BEGIN IMMEDIATE transaction, as Guix's own tools do on a live
     DB; nothing of the batch is registered if any of it fails."""
-    if not infos:
+    if isinstance(infos, Sequence) and not infos:
         return
     try:
         conn.execute("begin immediate")
@@ -377,7 +402,7 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def register_in_place(db_path: Path, flavour: Flavour, infos: Sequence[PathInfo]) -> None:
+def register_in_place(db_path: Path, flavour: Flavour, infos: Iterable[PathInfo]) -> None:
     """Register into a live DB in one BEGIN IMMEDIATE transaction, as Guix's own tools do."""
     conn = open_live(db_path)
     try:
@@ -387,7 +412,7 @@ def register_in_place(db_path: Path, flavour: Flavour, infos: Sequence[PathInfo]
 
 
 def _copy_with(
-    source: Path | None, dest: Path, flavour: Flavour, infos: Sequence[PathInfo]
+    source: Path | None, dest: Path, flavour: Flavour, infos: Iterable[PathInfo]
 ) -> None:
     """Write `source` (or a fresh DB) plus `infos` to the new file `dest`, durably."""
     conn = _open_rw(dest)
@@ -419,7 +444,7 @@ def _copy_with(
 
 
 def write_copy(
-    source: Path | None, out: Path, flavour: Flavour, infos: Sequence[PathInfo]
+    source: Path | None, out: Path, flavour: Flavour, infos: Iterable[PathInfo]
 ) -> None:
     """Write the DB `source` (or a fresh one) plus `infos` to `out`; `source` is not touched."""
     tmp = atomicfile.temp_path_for(out)
@@ -432,7 +457,7 @@ def write_copy(
             tmp.unlink()
 
 
-def swap_in(db_path: Path, flavour: Flavour, infos: Sequence[PathInfo]) -> None:
+def swap_in(db_path: Path, flavour: Flavour, infos: Iterable[PathInfo]) -> None:
     """Register `infos` in a copy of `db_path` and rename the copy over it.
 
     The caller holds the daemon's `big-lock` exclusively, so no daemon session has the DB

@@ -88,6 +88,11 @@ class KeyFileError(IncstoreError):
     summary = "a key file is unreadable, malformed, or not private enough"
 
 
+class MissingDependencyError(IncstoreError):
+    exit_code = 16
+    summary = "a command needs an optional dependency that is not installed"
+
+
 EXIT_CODES: dict[int, str] = {
     0: "success",
     1: "internal error (a bug: please report it)",
@@ -108,6 +113,7 @@ EXIT_CODES: dict[int, str] = {
             RemoteError,
             SignatureError,
             KeyFileError,
+            MissingDependencyError,
         )
     },
 }

@@ -12,7 +12,10 @@ A chunk comes from a store someone else may write, so before and while it is dec
 
 from __future__ import annotations
 
-import zstandard
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import zstandard
 
 MAX_WINDOW = 1 << 23
 HEADER_BYTES = 18  # the longest frame header
@@ -20,12 +23,16 @@ MAGIC = b"\x28\xb5\x2f\xfd"
 
 
 def decompressor() -> zstandard.ZstdDecompressor:
+    import zstandard
+
     return zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW)
 
 
 def header_problem(head: bytes, nar_size: int | None) -> str | None:
     """Why a chunk whose file starts with `head` cannot be a chunk of a NAR of `nar_size`
     bytes, or None."""
+    import zstandard
+
     try:
         params = zstandard.get_frame_parameters(head)
     except zstandard.ZstdError as e:

@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from incstore.chunkstore import ChunkStore
-from incstore.errors import IncstoreError
-from incstore.manifest import VERSION, Manifest, from_bytes, legacy_chunk_keys
+from incstore.errors import IncstoreError, ManifestError
+from incstore.manifest import VERSION, Manifest, legacy_chunk_keys
 
 DIGEST_FILE = "incstore-digest"
 DEFAULT_GRACE = 3600
@@ -65,15 +65,19 @@ def read_named(chunks: ChunkStore, names: Iterable[str] | None = None) -> Named:
     out = Named()
     for name in chunks.manifest_names() if names is None else names:
         try:
+            out.manifests[name] = chunks.load_manifest(name)
+            continue
+        except ManifestError as e:
+            reason = str(e)
+        except IncstoreError as e:
+            out.invalid[name] = str(e)
+            continue
+        # read whole only to tell an old or a newer manifest from a broken one
+        try:
             data = chunks.read_manifest(name)
         except IncstoreError as e:
             out.invalid[name] = str(e)
             continue
-        try:
-            out.manifests[name] = from_bytes(data, name)
-            continue
-        except IncstoreError as e:
-            reason = str(e)
         keys = legacy_chunk_keys(data)
         if keys is not None:
             out.legacy[name] = keys

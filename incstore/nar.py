@@ -17,6 +17,7 @@ import os
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from incstore.errors import NarFormatError, StoreError
 
@@ -275,13 +276,16 @@ class _Reader:
     def expect(self, token: bytes) -> None:
         self.expect_raw(_T[token], token.decode())
 
-    def copy_to(self, fd: int, n: int) -> None:
+    def copy_to(self, fd: int, n: int, also: Any = None) -> None:
+        """Write the next `n` bytes to `fd` (and to the hash `also`)."""
         while n:
             if self.pos == len(self.buf):
                 self.buf, self.pos = b"", 0
                 self._fill(1)
             piece = min(n, len(self.buf) - self.pos)
             view = memoryview(self.buf)[self.pos : self.pos + piece]
+            if also is not None:
+                also.update(view)
             while view:
                 view = view[os.write(fd, view) :]
             self.pos += piece
@@ -294,6 +298,30 @@ class _Reader:
             raise self.too_long()
 
 
+def lone_file_head(size: int, executable: bool) -> bytes:
+    """The NAR of a lone regular file of `size` bytes, up to its contents (what `.links`
+    entries are named by the hash of)."""
+    return _T[MAGIC] + (_EXEC_FILE if executable else _PLAIN_FILE) + size.to_bytes(8, "little")
+
+
+def lone_file_tail(size: int) -> bytes:
+    return _pad(size) + _T[b")"]
+
+
+def lone_symlink(target: bytes) -> bytes:
+    return _T[MAGIC] + _OPEN_TYPE + _T[b"symlink"] + _T[b"target"] + _enc(target) + _T[b")"]
+
+
+class Linker(Protocol):
+    """Deduplication of restored files (`incstore.links.Links`)."""
+
+    def wants_file(self, size: int) -> bool: ...
+    def wants_symlink(self) -> bool: ...
+    def file(self, parent: int, name: bytes, digest: bytes, size: int,
+             executable: bool) -> None: ...
+    def symlink(self, parent: int, name: bytes, target: bytes) -> None: ...
+
+
 def _check_name(reader: _Reader, name: bytes) -> None:
     if name in (b"", b".", b"..") or b"/" in name or b"\0" in name:
         raise reader.fail(f"NAR entry has a forbidden name {name!r}")
@@ -304,9 +332,11 @@ os.umask(_UMASK)
 
 
 class _Restorer:
-    def __init__(self, reader: _Reader, owner: tuple[int, int] | None) -> None:
+    def __init__(self, reader: _Reader, owner: tuple[int, int] | None,
+                 links: Linker | None) -> None:
         self.r = reader
         self.owner = owner
+        self.links = links
 
     def node(self, parent: int, name: bytes, depth: int) -> None:
         r = self.r
@@ -333,6 +363,8 @@ class _Restorer:
             os.utime(name, CANONICAL_TIME, dir_fd=parent, follow_symlinks=False)
             if self.owner:
                 os.chown(name, *self.owner, dir_fd=parent, follow_symlinks=False)
+            if self.links is not None and self.links.wants_symlink():
+                self.links.symlink(parent, name, target)
         elif kind == b"directory":
             self.directory(parent, name, depth)
             return
@@ -359,9 +391,12 @@ class _Restorer:
             raise r.too_long()
         mode = 0o555 if executable else 0o444
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        links = self.links
+        lone = (hashlib.sha256(lone_file_head(size, executable))
+                if links is not None and links.wants_file(size) else None)
         fd = os.open(name, flags, mode, dir_fd=parent)
         try:
-            r.copy_to(fd, size)
+            r.copy_to(fd, size, lone)
             if _UMASK & mode:
                 os.fchmod(fd, mode)
             if self.owner:
@@ -370,6 +405,9 @@ class _Restorer:
         finally:
             os.close(fd)
         r.padding(size)
+        if lone is not None and links is not None:
+            lone.update(lone_file_tail(size))
+            links.file(parent, name, lone.digest(), size, executable)
 
     def directory(self, parent: int, name: bytes, depth: int) -> None:
         r = self.r
@@ -409,17 +447,20 @@ def restore(
     owner: tuple[int, int] | None = None,
     item: str | None = None,
     limit: int = 1 << 62,
+    links: Linker | None = None,
 ) -> NarDigest:
     """Rebuild the NAR read from `read` as `name` inside the directory `dir_fd`.
 
     The tree gets canonical store metadata (files 0444 or 0555, directories 0555, mtime 1 on
     everything, `owner` if given). `name` must not exist. Reading stops with `NarTooLong` as
-    soon as the NAR is known to exceed `limit` bytes, before the excess is written. On an error
+    soon as the NAR is known to exceed `limit` bytes, before the excess is written. With
+    `links`, files are deduplicated as they are written (a file's NAR hash is computed on the
+    way; see `incstore.links`). On an error
     the partial tree is left for the caller to remove; the caller decides where the tree may
     appear.
     """
     reader = _Reader(read, item, limit)
     reader.expect(MAGIC)
-    _Restorer(reader, owner).node(dir_fd, os.fsencode(name), 0)
+    _Restorer(reader, owner, links).node(dir_fd, os.fsencode(name), 0)
     reader.check_end()
     return NarDigest(reader.sha.hexdigest(), reader.total)

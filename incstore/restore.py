@@ -12,7 +12,8 @@ final store name:
 2. extraction: each missing item is extracted under a temporary name and verified (chunk size
    and XXH3-128, zstd checksum, NAR sha256 and size, with reading stopped the moment the NAR
    outgrows its recorded size); a chunk that does not hold its item's NAR is quarantined so
-   that the next save writes it again;
+   that the next save writes it again; with deduplication, each file the daemon would link is
+   hashed as it is written and becomes a hard link to its checked `.links` entry;
 3. the closure filter: an item is registrable only if everything it references is present,
    registrable or provided as `external` (linear in items plus references);
 4. placement and registration, in dependency order and in batches bounded by the descriptors
@@ -31,10 +32,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 
-import xxhash
-import zstandard
-
-from incstore import atomicfile, db, faults, frame, mountns, nar
+from incstore import atomicfile, db, faults, frame, links, mountns, nar
 from incstore.backend import Reader
 from incstore.chunkstore import ChunkStore
 from incstore.errors import (
@@ -83,6 +81,7 @@ class RestorePlan:
     owner: tuple[int, int] | None = None  # None: decided at execution (Store.daemon_owner)
     trust: Verdict = field(default_factory=Verdict)
     roots: Roots = field(default_factory=Roots)
+    deduplicate: bool = False  # hard-link identical files through the store's .links
 
     def indices(self, *actions: Action) -> list[int]:
         wanted = {_ACTIONS.index(a) for a in actions}
@@ -108,6 +107,7 @@ class RestorePlan:
             "extract": self.paths(Action.EXTRACT),
             "replace": self.paths(Action.REPLACE),
             "nar_bytes_to_extract": sum(self.manifest.nar_size(n) for n in extract),
+            "deduplicate": self.deduplicate,
             "missing_external": list(self.missing_external),
             "trusted": self.trusted,
             "trust": self.trust.to_json(self.roots),
@@ -134,10 +134,12 @@ def plan_restore(
     policy: Policy | None = None,
     data: bytes = b"",
     sig: bytes | None = None,
+    deduplicate: bool | None = None,
 ) -> RestorePlan:
     """Plan a restore. With a `policy` whose roots are active, the manifest (`data`, its exact
     bytes, and `sig`, its detached signature) and each item to extract are checked here,
-    before anything is written (see `incstore.trust`)."""
+    before anything is written (see `incstore.trust`). `deduplicate` None means what the
+    flavour's daemon does by default (Guix links, Nix does not)."""
     store = Store(prefix, manifest.flavour)
     target = db_path or store.default_db
     count = len(manifest)
@@ -165,19 +167,31 @@ def plan_restore(
     if policy is not None and roots.active:
         extract = [n for n in range(count) if _ACTIONS[actions[n]] != Action.PRESENT]
         verdict = judge(policy, manifest, data, sig, ChunkStore(cache), extract)
+    if deduplicate is None:
+        deduplicate = links.DEFAULT_ON[manifest.flavour.name]
     return RestorePlan(manifest, store, cache, target, mode, db_out, actions, missing, owner,
-                       verdict, roots)
+                       verdict, roots, deduplicate)
+
+
+# from this many items on, one listing of the store directory costs less than an lstat each
+_LIST_FROM = 256
 
 
 def _on_disk(store: Store, manifest: Manifest) -> bytearray:
-    """One lstat per item, relative to the store directory's descriptor."""
+    """Which items have an entry in the store directory (of any type: what sits at the name
+    is examined under the item's lock before anything is placed there)."""
     found = bytearray(len(manifest))
     if not store.store_root.is_dir():
         return found
     cut = len(manifest.store_dir) + 1
     with StoreDir(store.store_root) as sd:
-        for n, path in enumerate(manifest.paths):
-            found[n] = sd.lstat(path[cut:]) is not None
+        if len(manifest) >= _LIST_FROM:
+            names = sd.listing()
+            for n, path in enumerate(manifest.paths):
+                found[n] = path[cut:] in names
+        else:
+            for n, path in enumerate(manifest.paths):
+                found[n] = sd.lstat(path[cut:]) is not None
     return found
 
 
@@ -187,6 +201,8 @@ class _ChunkReader:
     checks the zstd frame header before any decompression."""
 
     def __init__(self, f: Reader, chunk: ChunkRef, nar_size: int, item: str) -> None:
+        import xxhash
+
         self.f = f
         self.chunk = chunk
         self.nar_size = nar_size
@@ -241,8 +257,11 @@ class _Extraction:
 
 
 def extract_item(chunks: ChunkStore, sd: StoreDir, manifest: Manifest, n: int, tmp: str,
-                 owner: tuple[int, int] | None) -> _Extraction:
+                 owner: tuple[int, int] | None, linker: links.Links | None = None
+                 ) -> _Extraction:
     """Extract item `n` under the temporary name `tmp` and verify it; the caller renames it."""
+    import zstandard
+
     path, chunk = manifest.paths[n], manifest.chunk(n)
     nar_hash, nar_size = manifest.nar_hash(n), manifest.nar_size(n)
     try:
@@ -255,7 +274,7 @@ def extract_item(chunks: ChunkStore, sd: StoreDir, manifest: Manifest, n: int, t
             raw, read_across_frames=False)  # type: ignore[arg-type]
         try:
             digest = nar.restore(reader.read, sd.fd, tmp, owner=owner, item=path,
-                                 limit=nar_size)
+                                 limit=nar_size, links=linker)
         except nar.NarTooLong as e:
             # a bomb, or not this item's chunk: stopped before the excess was written
             return _Extraction(ChunkCorruptError(f"chunk {chunk.key}: {e.args[0]}",
@@ -295,6 +314,8 @@ class RestoreResult:
     db_mode: str = ""
     warnings: list[str] = field(default_factory=list)
     quarantined: list[str] = field(default_factory=list)
+    linked_files: int = 0  # files that became a hard link to an identical one
+    linked_bytes: int = 0  # the space that saved
 
     @property
     def skipped(self) -> list[str]:
@@ -315,6 +336,8 @@ class RestoreResult:
             "warnings": self.warnings,
             "db": str(self.plan.db_out or self.plan.db_path),
             "db_mode": self.db_mode,
+            "deduplicated": {"files": self.linked_files, "bytes": self.linked_bytes}
+            if self.plan.deduplicate else None,
         }
 
     def error(self) -> IncstoreError | None:
@@ -390,6 +413,8 @@ class _Run:
         self.registered: list[int] = []
         self.mode: DbMode = plan.db_mode
         self.big_lock: HeldLock | None = None
+        self.linked_files = 0
+        self.linked_bytes = 0
 
     def temp(self, n: int) -> str:
         return f".incstore-tmp-{os.getpid()}-{self.token}-{self.manifest.chunk_key(n)}"
@@ -444,6 +469,10 @@ def _preflight(run: _Run, chunks: ChunkStore, sd: StoreDir) -> None:
 def execute_restore(plan: RestorePlan, *, jobs: int = 2, progress: Progress | None = None
                     ) -> RestoreResult:
     run = _Run(plan, jobs, progress)
+    if not plan.to_extract and plan.db_mode != "out":
+        # everything is present: nothing to lock, sweep or write (housekeeping waits for a
+        # run that has work to do)
+        return RestoreResult(plan, [], [], [], [], "none")
     store = plan.store
     chunks = ChunkStore(plan.cache)
     if _read_only(store.store_root):
@@ -461,7 +490,14 @@ def execute_restore(plan: RestorePlan, *, jobs: int = 2, progress: Progress | No
                 swept, problems = sd.sweep_temps()
                 run.warnings += [f"left a stale temporary entry: {p}" for p in problems]
                 atomicfile.sweep(plan.db_path.parent)  # DB copies of runs that died
-                _extract_all(run, chunks, sd, owner)
+                linker = links.Links(sd.fd, links.RULES[run.flavour.name]) \
+                    if plan.deduplicate else None
+                try:
+                    _extract_all(run, chunks, sd, owner, linker)
+                finally:
+                    if linker is not None:
+                        linker.close()
+                        _report_links(run, linker)
                 _place_and_register(run, sd)
                 _remove_leftovers(run, sd)
                 _sweep_stale_locks(run, sd)
@@ -471,11 +507,24 @@ def execute_restore(plan: RestorePlan, *, jobs: int = 2, progress: Progress | No
     paths = plan.manifest.paths
     extracted = [paths[n] for n, done in enumerate(run.extracted) if done]
     return RestoreResult(plan, sorted(extracted), sorted(paths[n] for n in run.registered),
-                         run.failed, swept, run.mode, run.warnings, run.quarantined)
+                         run.failed, swept, run.mode, run.warnings, run.quarantined,
+                         run.linked_files, run.linked_bytes)
+
+
+def _report_links(run: _Run, linker: links.Links) -> None:
+    run.linked_files, run.linked_bytes = linker.linked, linker.saved_bytes
+    rejected = sorted(set(linker.rejected))
+    for entry in rejected[:10]:
+        run.warnings.append(f"{links.LINKS_DIR}/{entry} is not what its name says; "
+                            "not linked to")
+    if len(rejected) > 10:
+        run.warnings.append(f"... and {len(rejected) - 10} more such entries")
+    if linker.disabled:
+        run.warnings.append(f"stopped deduplicating: {linker.disabled}")
 
 
 def _extract_all(run: _Run, chunks: ChunkStore, sd: StoreDir,
-                 owner: tuple[int, int] | None) -> None:
+                 owner: tuple[int, int] | None, linker: links.Links | None = None) -> None:
     plan, manifest = run.plan, run.manifest
     missing = set(plan.missing_external)
     for error in plan.trust.errors(manifest):
@@ -492,7 +541,7 @@ def _extract_all(run: _Run, chunks: ChunkStore, sd: StoreDir,
             todo.append(n)
 
     def one(n: int) -> _Extraction:
-        outcome = extract_item(chunks, sd, manifest, n, run.temp(n), owner)
+        outcome = extract_item(chunks, sd, manifest, n, run.temp(n), owner, linker)
         if outcome.error is not None:
             report = sd.remove(run.temp(n))
             if report.failures:
@@ -619,9 +668,9 @@ def _info(run: _Run, n: int) -> db.PathInfo:
 
 def _register_copy(run: _Run, sd: StoreDir) -> None:
     plan = run.plan
-    infos = [_info(run, n) for n in run.placed]
-    if not infos and plan.db_mode != "out" and plan.db_path.exists():
+    if not run.placed and plan.db_mode != "out" and plan.db_path.exists():
         return
+    infos = (_info(run, n) for n in run.placed)  # made as they are registered
     try:
         if plan.db_mode == "out":
             assert plan.db_out is not None

@@ -54,6 +54,12 @@ def _blob(rng: random.Random, nbytes: int) -> bytes:
     return random_part + (pattern * (nbytes // 128 + 1))[: nbytes - nbytes // 2]
 
 
+# the same licence text in every package, as in real stores (what deduplication links)
+LICENSE_TEXT = b"".join(
+    f"{n:4d} This program is free software: you can redistribute it and/or modify it.\n".encode()
+    for n in range(160))
+
+
 def _write(path: Path, data: bytes, executable: bool = False) -> None:
     path.write_bytes(data)
     path.chmod(0o555 if executable else 0o444)
@@ -85,6 +91,7 @@ def _build_item(rng: random.Random, root: Path, path: str, refs: list[str], spec
     share.mkdir(parents=True)
     _write(share / "README", _text(rng, 2000, refs))
     _write(share / "EMPTY", b"")
+    _write(share / "COPYING", LICENSE_TEXT)
     (root / "share" / "empty-dir").mkdir()
     if kind == 1:
         mods = root / "share" / "guile" / "site" / "3.0" / f"pkg{index}"

@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-import xxhash
-import zstandard
-
-from incstore import atomicfile, db, nar, regularfile, signature, trust
+from incstore import atomicfile, db, nar, regularfile, verified
 from incstore.atomicfile import AlreadyExists
+from incstore.backend import Staged
 from incstore.chunkstore import UPSTREAM_DIR, ChunkStore, NarInfo, describes
 from incstore.errors import (
     ChunkCorruptError,
@@ -32,11 +31,16 @@ from incstore.errors import (
 )
 from incstore.manifest import ChunkRef, Item, Manifest, from_bytes, now_utc, saved_at
 from incstore.pool import bounded_map
-from incstore.signature import SecretKey
 from incstore.store import Store
 from incstore.storepath import StorePath, nix32_encode
 
+if TYPE_CHECKING:  # signing loads the signature module only when a key is given
+    import zstandard
+
+    from incstore.signature import SecretKey
+
 MT_THRESHOLD = 32 << 20  # items above this use zstd's own worker threads as well
+PUBLISH_BATCH = 512  # chunks made durable and published together (one sync, not 512)
 # Level 2 saves 20% of the CPU of level 3 for 5% more bytes (bench/: the chunk store stays
 # within 1.05x the size of a `tar | zstd -3` archive of the same store).
 DEFAULT_LEVEL = 2
@@ -221,6 +225,8 @@ class _HashingWriter:
     """File-like sink that hashes and counts the compressed bytes on their way to disk."""
 
     def __init__(self, f: BinaryIO) -> None:
+        import xxhash
+
         self.f = f
         self.xxh = xxhash.xxh3_128()
         self.size = 0
@@ -254,11 +260,15 @@ class Signer:
     narinfo, so a guix-daemon given the chunk store as a substitute URL accepts it."""
 
     def __init__(self, key: SecretKey) -> None:
+        from incstore import signature
+
+        self.signature = signature
         self.key = key
         self.public = key.public_key
 
     def sigs(self, info: db.PathInfo) -> tuple[str, ...]:
         """The item's Nix signatures: the DB's (upstream ones, for Nix), and ours."""
+        signature = self.signature
         found = tuple(info.sigs.split()) if info.sigs else ()
         if isinstance(self.key, signature.NixSecretKey):
             ours = signature.nix_sign(self.key, signature.nix_fingerprint(
@@ -269,14 +279,14 @@ class Signer:
 
     def narinfo(self, narinfo: NarInfo) -> str:
         text = narinfo.render()
-        if isinstance(self.key, signature.GuixSecretKey):
-            text = signature.guix_sign_narinfo(self.key, text)
+        if isinstance(self.key, self.signature.GuixSecretKey):
+            text = self.signature.guix_sign_narinfo(self.key, text)
         return text
 
     def signed(self, text: str, info: db.PathInfo) -> bool:
         """Whether a narinfo already carries our signature for this item."""
-        if isinstance(self.key, signature.GuixSecretKey):
-            return signature.guix_verify_narinfo(text, [self.public]) is not None
+        if isinstance(self.key, self.signature.GuixSecretKey):
+            return self.signature.guix_verify_narinfo(text, [self.public]) is not None
         return all(f"Sig: {s}" in text.splitlines() for s in self.sigs(info))
 
 
@@ -299,11 +309,70 @@ def _narinfo(info: db.PathInfo, key: str, ref: ChunkRef, sigs: tuple[str, ...] |
     )
 
 
+def narinfo_text(info: db.PathInfo, key: str, ref: ChunkRef, signer: Signer | None) -> bytes:
+    narinfo = _narinfo(info, key, ref, signer.sigs(info) if signer else None)
+    return (signer.narinfo(narinfo) if signer else narinfo.render()).encode()
+
+
 def write_narinfo(chunks: ChunkStore, info: db.PathInfo, key: str, ref: ChunkRef,
                   signer: Signer | None) -> None:
-    narinfo = _narinfo(info, key, ref, signer.sigs(info) if signer else None)
-    text = signer.narinfo(narinfo) if signer else narinfo.render()
-    chunks.backend.write(chunks.narinfo_name(key), text.encode())
+    chunks.backend.write(chunks.narinfo_name(key), narinfo_text(info, key, ref, signer))
+
+
+INLINE_NAR = 1 << 20  # NARs up to this size are compressed in one call, in memory
+_LOCAL = threading.local()
+
+
+def _compressor(level: int, threads: int) -> zstandard.ZstdCompressor:
+    """A compressor per thread and setting: making one costs more than compressing a small
+    item."""
+    import zstandard
+
+    cache = _LOCAL.__dict__.setdefault("compressors", {})
+    if (level, threads) not in cache:
+        cache[level, threads] = zstandard.ZstdCompressor(level=level, write_checksum=True,
+                                                         threads=threads)
+    return cache[level, threads]  # type: ignore[no-any-return]
+
+
+def stage_chunk(chunks: ChunkStore, store: Store, info: db.PathInfo, key: str, level: int,
+                threads: int) -> tuple[Staged, ChunkRef]:
+    """Serialise, verify and compress one item into a staged chunk (published later, with
+    others, by `ChunkStore.publish_chunks`)."""
+    source = os.fspath(store.physical(info.path))
+    if not os.path.lexists(source):
+        raise StoreError("is valid in the DB but missing from the store", item=info.path)
+    cctx = _compressor(level, threads)
+    try:
+        with chunks.backend.stage(chunks.chunk_name(key)) as f:
+            out = _HashingWriter(f)  # type: ignore[arg-type]
+            try:
+                digest: nar.NarDigest | None = None
+                if info.nar_size <= INLINE_NAR:
+                    parts: list[bytes] = []
+                    digest = nar.dump_hashed(source, parts.append)
+                    if digest.size <= INLINE_NAR:
+                        out.write(cctx.compress(b"".join(parts)))
+                    else:
+                        digest = None  # it grew: stream it instead
+                if digest is None:
+                    # no pledged content size: an item that changed size must reach the hash
+                    # check below
+                    writer = cctx.stream_writer(out, closefd=False)  # type: ignore[arg-type]
+                    with writer as zw:
+                        digest = nar.dump_hashed(source, zw.write)
+            except OSError as e:
+                raise StoreError(f"cannot read: {e.strerror or e}", item=info.path) from e
+            if digest.db_hash != info.hash or digest.size != info.nar_size:
+                raise StoreHashMismatchError(
+                    f"contents changed: NAR is {digest.db_hash} ({digest.size} bytes) but the "
+                    f"DB records {info.hash} ({info.nar_size} bytes); not saved",
+                    item=info.path,
+                )
+            staged = f.staged
+    except OSError as e:
+        raise StoreError(f"cannot write its chunk: {e.strerror or e}", item=info.path) from e
+    return staged, ChunkRef(key, out.size, out.xxh.hexdigest())
 
 
 def write_chunk(
@@ -315,7 +384,7 @@ def write_chunk(
     if not os.path.lexists(source):
         raise StoreError("is valid in the DB but missing from the store", item=info.path)
     # no pledged content size: an item that changed size must reach the hash check below
-    cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, threads=threads)
+    cctx = _compressor(level, threads)
     try:
         with chunks.write_chunk(key) as f:
             out = _HashingWriter(f)
@@ -439,7 +508,6 @@ def execute_save(
         atomicfile.sweep(manifest_path.parent)
     # announce every chunk this save will name, so that a gc running meanwhile keeps them
     pending = chunks.write_pending(plan.keys.values())
-    chunks.renew_chunks(ref.key for ref in plan.reused.values())
     signer = Signer(sign_key) if sign_key is not None else None
     try:
         return _save(plan, chunks, manifest_path, name, jobs, level, progress, signer,
@@ -448,27 +516,50 @@ def execute_save(
         chunks.drop_pending(pending)
 
 
-def _verify_reused(plan: SavePlan, chunks: ChunkStore, jobs: int) -> list[str]:
+def _verify_reused(plan: SavePlan, chunks: ChunkStore, jobs: int,
+                   record: verified.Record | None) -> list[str]:
     """Check every reused chunk cheaply, by its size and XXH3-128 (not its NAR hash): the
     chunk store may hold junk under a narinfo that claims the right NarHash, or a chunk a
     restore found corrupt. A chunk that fails is quarantined, so that it is written anew.
+    Chunks this machine checked before and that have not changed since (`verified`) are not
+    read again. Renews the mtime of the chunks kept (gc's grace period counts from it).
     Returns the paths whose chunk must be written again."""
+    local = chunks.backend.verifies_reads_cheaply
+    to_read = []
+    for path in sorted(plan.reused):
+        ref = plan.reused[path]
+        st = chunks.backend.lstat(chunks.chunk_name(ref.key)) if record is not None else None
+        if record is None or st is None or not record.vouches(ref.key, st, ref.xxh3_128):
+            to_read.append(path)
 
-    def digest(path: str) -> tuple[int, str] | None:
+    def read_back(path: str) -> bool:
+        if not local:
+            return True  # over the network, the listed size (checked in the plan) is all
+        ref = plan.reused[path]
         try:
-            ref = plan.reused[path]
-            return chunks.quick_digest(ref.key, item=path, size=ref.size)
+            found = chunks.quick_digest(ref.key, item=path, size=ref.size)
         except IncstoreError:
-            return None
+            return False
+        return found == (ref.size, ref.xxh3_128)
 
     bad = []
-    for path, found in bounded_map(digest, sorted(plan.reused),
-                                   workers=max(jobs, chunks.backend.min_workers)):
-        ref = plan.reused[path]
-        if found != (ref.size, ref.xxh3_128):
+    for path, ok in bounded_map(read_back, to_read,
+                                workers=max(jobs, chunks.backend.min_workers)):
+        if not ok:
+            key = plan.reused[path].key
             with contextlib.suppress(IncstoreError):
-                chunks.quarantine(ref.key)
+                chunks.quarantine(key)
+            if record is not None:
+                record.forget(key)
             bad.append(path)
+    failed = set(bad)
+    for path in sorted(plan.reused):
+        if path in failed:
+            continue
+        ref = plan.reused[path]
+        st = chunks.renew_chunk(ref.key)
+        if record is not None and st is not None:
+            record.note(ref.key, st, ref.xxh3_128)  # the renewal moved its change time
     return bad
 
 
@@ -517,10 +608,11 @@ def _harvest(plan: SavePlan, chunks: ChunkStore, refs: dict[str, ChunkRef],
         hash_part = StorePath.parse(info.path, plan.flavour.store_dir).hash_part
         for server in servers:
             try:
-                raw = regularfile.read(Path(server) / hash_part, signature.MAX_NARINFO_BYTES * 2,
-                                       follow=False)
+                raw = regularfile.read(Path(server) / hash_part, 8 << 20, follow=False)
             except OSError:
                 continue
+            from incstore import signature
+
             text = signature.read_substitute_cache_entry(raw, check_expiry=False)
             if text is not None and describes(text, info.path, info.hash, info.nar_size,
                                               info.references):
@@ -534,45 +626,99 @@ def _harvest(plan: SavePlan, chunks: ChunkStore, refs: dict[str, ChunkRef],
 def _save(plan: SavePlan, chunks: ChunkStore, manifest_path: Path | None, name: str | None,
           jobs: int, level: int, progress: Progress | None, signer: Signer | None,
           substitute_cache: Path | None) -> SaveResult:
+    # this machine's record of chunks it checked or wrote (see incstore.verified)
+    record = verified.Record(Path(chunks.url)) if chunks.backend.verifies_reads_cheaply \
+        else None
     reused = dict(plan.reused)
-    if chunks.backend.verifies_reads_cheaply:
-        for path in _verify_reused(plan, chunks, jobs):
-            del reused[path]
+    for path in _verify_reused(plan, chunks, jobs, record):
+        del reused[path]
     refs: dict[str, ChunkRef] = dict(reused)
     failed: list[IncstoreError] = []
     failed_paths: set[str] = set()  # errors may name the chunk store rather than the item
     written: list[str] = []
 
-    def one(info: db.PathInfo) -> ChunkRef | IncstoreError:
+    def for_item(e: IncstoreError, path: str) -> IncstoreError:
+        # name the item: a chunk store error names the store or the key
+        return e if e.item == path else type(e)(str(e), item=path)
+
+    def one(info: db.PathInfo) -> tuple[Staged, ChunkRef] | IncstoreError:
         threads = jobs if info.nar_size > MT_THRESHOLD and jobs > 1 else 0
         try:
-            return write_chunk(chunks, plan.store, info, plan.keys[info.path], level, threads,
-                               signer=signer)
+            return stage_chunk(chunks, plan.store, info, plan.keys[info.path], level, threads)
         except IncstoreError as e:
-            if e.item == info.path:
-                return e
-            # name the item: a chunk store error names the store or the key
-            return type(e)(str(e), item=info.path)
+            return for_item(e, info.path)
+
+    def fail(info: db.PathInfo, error: IncstoreError) -> None:
+        failed.append(error)
+        failed_paths.add(info.path)
+        if progress:
+            progress("failed", str(error))
+
+    def publish(batch: list[tuple[db.PathInfo, Staged, ChunkRef]]) -> None:
+        """Publish a batch of chunks (one sync), then their narinfos (one more): each narinfo
+        appears after its chunk, and each chunk complete and durable."""
+        try:
+            created = chunks.backend.publish([b[1] for b in batch], replace=False)
+        except IncstoreError as e:
+            for info, staged, _ in batch:
+                chunks.backend.discard(staged)
+                fail(info, for_item(e, info.path))
+            return
+        done: list[tuple[db.PathInfo, ChunkRef]] = []
+        for (info, _, ref), ok in zip(batch, created, strict=True):
+            if ok:
+                done.append((info, ref))
+                continue
+            # the key was taken meanwhile (another save, or one that died before its
+            # narinfo): the careful path decides between theirs, ours and a variant key
+            try:
+                refs[info.path] = write_chunk(chunks, plan.store, info, ref.key, level, 0,
+                                              signer=signer)
+                written.append(info.path)
+            except IncstoreError as e:
+                fail(info, for_item(e, info.path))
+        narinfos = []
+        for info, ref in done:
+            text = narinfo_text(info, ref.key, ref, signer)
+            with chunks.backend.stage(chunks.narinfo_name(ref.key)) as f:
+                f.write(text)
+                narinfos.append(f.staged)
+        try:
+            chunks.backend.publish(narinfos, replace=True)
+        except IncstoreError as e:
+            for info, _ in done:
+                fail(info, for_item(e, info.path))
+            return
+        for info, ref in done:
+            refs[info.path] = ref
+            written.append(info.path)
+            if record is not None:
+                st = chunks.backend.lstat(chunks.chunk_name(ref.key))
+                if st is not None:
+                    record.note(ref.key, st, ref.xxh3_128)
+            if progress:
+                progress("saved", info.path)
 
     def run(todo: list[db.PathInfo]) -> None:
         workers = max(jobs, chunks.backend.min_workers)
+        batch: list[tuple[db.PathInfo, Staged, ChunkRef]] = []
         for info, outcome in bounded_map(one, todo, workers=workers):
             if isinstance(outcome, IncstoreError):
-                failed.append(outcome)
-                failed_paths.add(info.path)
-                if progress:
-                    progress("failed", str(outcome))
+                fail(info, outcome)
                 continue
-            refs[info.path] = outcome
-            written.append(info.path)
-            if progress:
-                progress("saved", info.path)
+            batch.append((info, *outcome))
+            if len(batch) >= PUBLISH_BATCH:
+                publish(batch)
+                batch = []
+        publish(batch)
 
     # large items first, so the tail of the run is not one big item on one core
     run(sorted((i for i in plan.items if i.path not in reused), key=lambda i: -i.nar_size))
     # a gc that planned before our pending record existed may have swept a reused chunk
-    present = chunks.chunk_files()
+    present = set(chunks.chunk_keys())
     run([i for i in plan.items if i.path in reused and refs[i.path].key not in present])
+    if record is not None:
+        record.save()
     if signer is not None:
         _sign_reused(plan, chunks, {p: refs[p] for p in reused if p in refs}, signer, jobs)
     upstream = _harvest(plan, chunks, refs, substitute_cache)
@@ -583,6 +729,8 @@ def _save(plan: SavePlan, chunks: ChunkStore, manifest_path: Path | None, name: 
     items = _without_dependents(items, failed_paths)
     manifest = Manifest.from_items(plan.flavour, items, created=now_utc(), name=name,
                                    external=plan.external)
+    if signer is not None:
+        from incstore import trust
     if manifest_path is not None:
         manifest.write(manifest_path)
         if signer is not None:

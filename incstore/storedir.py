@@ -107,6 +107,10 @@ class StoreDir:
     def exists(self, name: str) -> bool:
         return self.lstat(name) is not None
 
+    def listing(self) -> set[str]:
+        """Every name in the directory, read at once."""
+        return set(os.listdir(self.fd))
+
     def names(self) -> Iterator[str]:
         with os.scandir(self.fd) as entries:
             for entry in entries:

@@ -21,6 +21,9 @@ _STORE_DIR_RE = re.compile(r"(/[A-Za-z0-9+\-._]+)+")
 # of one store path (non-reproducible builds saved by different workflows).
 KEY_RE = re.compile(f"[{NIX32_ALPHABET}]{{{HASH_PART_LEN}}}(\\.[{NIX32_ALPHABET}]{{8,52}})?")
 MAX_NAME_LEN = 211  # Nix's limit: the base name must fit in 255 bytes with room for suffixes
+# `<hash part>-<name>` as `StorePath.parse` accepts it, for readers that check many at once
+STORE_NAME_PATTERN = (f"[{NIX32_ALPHABET}]{{{HASH_PART_LEN}}}-(?!\\.)"
+                      f"[A-Za-z0-9+\\-._?=]{{1,{MAX_NAME_LEN}}}")
 
 
 def nix32_encode(data: bytes) -> str:

@@ -28,13 +28,15 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from incstore import regularfile, signature
+from incstore import regularfile
 from incstore.chunkstore import ChunkStore, describes
 from incstore.errors import IncstoreError, KeyFileError, SignatureError
 from incstore.manifest import Manifest
-from incstore.signature import GuixPublicKey, NixPublicKey, PublicKey, SecretKey
+
+if TYPE_CHECKING:  # the signature module (and its curve tables) loads only when trust is used
+    from incstore.signature import PublicKey, SecretKey
 
 STATEMENT = b"incstore-manifest-signature-v1\n"
 MAX_SIG_LINES = 16
@@ -53,6 +55,8 @@ def parse_duration(text: str) -> float:
 
 def describe(key: PublicKey) -> str:
     """How messages name a key: a Nix key by its name, a Guix key by its q (shortened)."""
+    from incstore.signature import NixPublicKey
+
     if isinstance(key, NixPublicKey):
         return key.name
     return f"guix:{key.q.hex()[:16]}"
@@ -90,6 +94,10 @@ def load_roots(trusted: Sequence[str] = (), *, env: str | None = None,
     or a Guix `signing-key.pub`), INCSTORE_TRUSTED_KEYS (`env`: space-separated, like Nix's
     trusted-public-keys), a Guix ACL file and nix.conf. A root that is named but holds no key
     still makes trust active: nothing then verifies, which is what the user asked for."""
+    if not (trusted or (env or "").split() or guix_acl or nix_conf):
+        return Roots()
+    from incstore import signature
+
     keys: list[PublicKey] = []
     sources: list[str] = []
     for value in [*trusted, *(env or "").split()]:
@@ -120,10 +128,14 @@ def manifest_statement(data: bytes) -> bytes:
 
 def sign_manifest(secret: SecretKey, data: bytes) -> bytes:
     """The `.sig` file for a manifest's exact bytes."""
+    from incstore import signature
+
     return (signature.sign_bytes(secret, manifest_statement(data)) + "\n").encode()
 
 
 def manifest_signer(data: bytes, sig: bytes | None, roots: Roots) -> PublicKey | None:
+    from incstore import signature
+
     if not sig or len(sig) > MAX_SIG_LINES * signature.MAX_SIGNATURE_BYTES:
         return None
     statement = manifest_statement(data)
@@ -138,15 +150,19 @@ def manifest_signer(data: bytes, sig: bytes | None, roots: Roots) -> PublicKey |
 
 
 def _nix_sigs_verify(sigs: Iterable[str], fingerprint: bytes, keys: Sequence[PublicKey]) -> bool:
+    from incstore import signature
+
     return any(signature.nix_verify(s, fingerprint, keys) for s in sigs)
 
 
 def item_vouched(manifest: Manifest, n: int, chunks: ChunkStore, roots: Roots) -> str | None:
     """None if item `n` carries a signature by a trusted key over its path, NAR hash and
     size and references; else why not."""
+    from incstore import signature
+
     path = manifest.paths[n]
-    nix_keys = [k for k in roots.keys if isinstance(k, NixPublicKey)]
-    guix_keys = [k for k in roots.keys if isinstance(k, GuixPublicKey)]
+    nix_keys = [k for k in roots.keys if isinstance(k, signature.NixPublicKey)]
+    guix_keys = [k for k in roots.keys if isinstance(k, signature.GuixPublicKey)]
     item = manifest.item(n)
     fingerprint = signature.nix_fingerprint(path, manifest.nar_hash(n), manifest.nar_size(n),
                                             manifest.references(n))

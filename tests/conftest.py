@@ -7,10 +7,9 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-from collections.abc import Iterator
 
 import jsonschema
 import pytest
@@ -75,6 +74,19 @@ def make_sample(prefix: Path, flavour: db.Flavour = db.GUIX, items: int = 16,
                 seed: int = 1) -> SampleStore:
     spec = sample.SampleSpec(items=items, blob_bytes=16 << 10, modules=6, seed=seed)
     return SampleStore(prefix, flavour, sample.build(prefix, flavour, spec))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """What incstore records about the chunks it checked (`incstore.verified`) goes to a
+    directory of the test run's own, not the home of whoever runs the tests."""
+    old = os.environ.get("XDG_STATE_HOME")
+    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("state"))
+    yield
+    if old is None:
+        os.environ.pop("XDG_STATE_HOME", None)
+    else:
+        os.environ["XDG_STATE_HOME"] = old
 
 
 @pytest.fixture

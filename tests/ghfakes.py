@@ -63,9 +63,11 @@ if args[:1] == ["build"]:
                 item = store / path[11:]
                 item.mkdir()
                 (item / "bin").mkdir()
-                size = int(next((a.split("=", 1)[1] for a in args if a.startswith("--item-bytes=")), "2048"))
+                size = int(next((a.split("=", 1)[1] for a in args
+                                 if a.startswith("--item-bytes=")), "2048"))
                 seed = hashlib.sha256(path.encode()).digest()
-                body = (seed * (size // 32 + 1))[:size // 2] + hashlib.shake_256(seed).digest(size // 2)
+                body = ((seed * (size // 32 + 1))[:size // 2]
+                        + hashlib.shake_256(seed).digest(size // 2))
                 (item / "bin" / name).write_bytes(body + "\\n".join(previous).encode())
                 (item / "bin" / name).chmod(0o555)
                 for p in (item / "bin", item):

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -22,8 +21,6 @@ from typing import Any
 
 import pytest
 import yaml
-
-from incstore.transfer import SLOTS
 
 from .conftest import ROOT
 from .ghfakes import ISOLATED, PYTHON, VENV, guix_install_action, install_fakes, make_mirror
@@ -47,7 +44,8 @@ def _deps() -> list[str]:
 
 def _source_hash() -> str:
     h = hashlib.sha256()
-    for path in sorted([*ROOT.glob("incstore/*.py"), *ROOT.glob("schema/*"), ROOT / "pyproject.toml"]):
+    sources = [*ROOT.glob("incstore/*.py"), *ROOT.glob("schema/*"), ROOT / "pyproject.toml"]
+    for path in sorted(sources):
         h.update(path.name.encode() + b"\0" + path.read_bytes())
     return h.hexdigest()
 
@@ -260,7 +258,8 @@ def _plant(world: World, files: dict[str, bytes], deleted: list[str]) -> None:
     entry = {"format": "incstore-cache-entry", "version": 1, "key": key, "kind": "slot",
              "generation": generation, "slot": slot, "nonce": "attacker", "files": sorted(files),
              "deleted": deleted}
-    script = ["set -e", 'x="$RUNNER_TEMP/incstore-xfer"', 'mkdir -p "$x/.incstore-entries" "$x/nar"',
+    script = ["set -e", 'x="$RUNNER_TEMP/incstore-xfer"',
+              'mkdir -p "$x/.incstore-entries" "$x/nar"',
               f"printf '%s' {shlex_quote(json.dumps(entry))} > \"$x/.incstore-entries/{key}.json\""]
     for name, data in files.items():
         script.append(f"printf '%s' {shlex_quote(data.decode('latin-1'))} > \"$x/{name}\"")
@@ -270,7 +269,7 @@ def _plant(world: World, files: dict[str, bytes], deleted: list[str]) -> None:
          "with": {"path": "${{ runner.temp }}/incstore-xfer", "key": key}}],
         event=Event.push("main"), run_id=9000 + world.runs)
     assert job.success, job.log
-    assert key in world.keys()
+    assert key in world.keys()  # noqa: SIM118 (World.keys lists the cache keys)
 
 
 def shlex_quote(text: str) -> str:

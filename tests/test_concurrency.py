@@ -36,7 +36,7 @@ def test_two_concurrent_saves_of_overlapping_items(tmp_path: Path) -> None:
             for p, level in ((base.prefix, "3"), (b_prefix, "9"))
         ]
         for proc in procs:
-            out, err = proc.communicate()
+            _out, err = proc.communicate()
             assert proc.returncode == 0, err
     chunks = ChunkStore(cache)
     for name in ("a", "b"):

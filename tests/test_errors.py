@@ -3,7 +3,6 @@ nothing registered for the affected item or anything that references it."""
 
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 import subprocess
@@ -31,10 +30,8 @@ from incstore.errors import (
 from incstore.store import Store
 
 from .conftest import SampleStore, run, validate_manifest
-from .test_nar import HOSTILE
-
-
 from .manifests import dump, load
+from .test_nar import HOSTILE
 
 
 def with_referrers(doc: dict, path: str) -> set[str]:  # type: ignore[type-arg]
@@ -145,7 +142,8 @@ def test_frame_that_decompresses_to_another_nar(tmp_path: Path,
     doc = load(manifest)
     item = referenced_item(doc)
     other = next(i for i in doc["items"] if i is not item)
-    other_nar = zstandard.ZstdDecompressor().decompressobj().decompress(chunk_file(cache, other).read_bytes())
+    other_chunk = chunk_file(cache, other).read_bytes()
+    other_nar = zstandard.ZstdDecompressor().decompressobj().decompress(other_chunk)
     _recompress(doc, item, cache, other_nar)
     dump(manifest, doc)
     r = restore(manifest, cache, tmp_path / "dst")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import json
 import re
 import sys
@@ -34,8 +35,10 @@ import jsonschema
 import pytest
 import xxhash
 import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from incstore import db
+from incstore import db, manifest
 from incstore.errors import ChunkCorruptError, ManifestError
 from incstore.manifest import MAX_INT, ChunkRef, Item, Manifest, from_bytes
 from incstore.storepath import nix32_encode
@@ -472,6 +475,24 @@ def test_reader_refuses_what_the_schema_cannot_state(case: Case) -> None:
     assert schema_verdict(case.data) in (True, None), case.reader_only
 
 
+def _outcome(data: bytes, fast_path: bool) -> tuple[str, Any]:
+    try:
+        m = manifest._parse(data, "corpus", fast_path)
+    except ManifestError as e:
+        return ("refused", str(e))
+    return ("accepted", (m.flavour, m.created, m.name, m.external, m.tool, m._c))
+
+
+@pytest.mark.parametrize("case", _params(reader_only=False) + _params(reader_only=True))
+def test_fast_path_and_generic_reader_agree(case: Case) -> None:
+    """The reader takes items written as incstore writes them through one pattern; it must
+    accept, refuse and report exactly what the item-by-item checks do."""
+    fast = _outcome(case.data, True)
+    assert fast == _outcome(case.data, False)
+    if fast[0] == "accepted":  # the same document spelled with spaces takes the generic path
+        assert _outcome(json.dumps(json.loads(case.data)).encode(), True) == fast
+
+
 def test_real_save_manifest_is_in_the_corpus_language(tmp_path: Path) -> None:
     """What `save` writes is accepted by both (and the base cases are its canonical form)."""
     for doc in (GUIX, NIX):
@@ -523,3 +544,62 @@ def test_check_full_refuses_a_chunk_without_content_checksum(tmp_path: Path) -> 
     cache, manifest, _ = _no_checksum_chunk(tmp_path)
     r = run("check", "--full", "--cache", cache, "--manifest", manifest)
     assert r.code == ChunkCorruptError.exit_code, (r.code, r.out, r.err)
+
+
+# --- the windowed reader ----------------------------------------------------------------------
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(10**30), 10**30)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=40),
+    lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=8), inner,
+                                                                max_size=6),
+    max_leaves=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(doc=st.dictionaries(st.text(max_size=10).filter(lambda k: k != "items"), _JSON,
+                           max_size=6),
+       window=st.sampled_from([1, 2, 3, 5, 8, 64]), chunk=st.sampled_from([1, 2, 7, 4096]),
+       ascii_only=st.booleans(), spaced=st.booleans())
+def test_windowed_values_read_as_json_reads_them(doc: dict[str, Any], window: int, chunk: int,
+                                                 ascii_only: bool, spaced: bool) -> None:
+    """The document is read a chunk at a time and values are decoded from windows of it: a
+    value, a multi-byte character or a number cut by either edge must read exactly as the whole
+    document does."""
+    data = json.dumps(doc, ensure_ascii=ascii_only,
+                      separators=(", ", ": ") if spaced else (",", ":")).encode()
+    parser = _small_parser(data, window, chunk)
+    assert parser.document(lambda raw: None) == json.loads(data)
+
+
+def _small_parser(data: bytes, window: int, chunk: int) -> manifest._Parser:
+    parser = manifest._Parser(io.BytesIO(data).read, "doc")
+    parser.WINDOW = window
+    parser.CHUNK = chunk
+    parser.LOOKAHEAD = window
+    return parser
+
+
+@pytest.mark.parametrize("sizes", [(1, 1), (3, 2), (7, 5), (64, 300), (512, 4096)])
+def test_the_corpus_reads_the_same_in_small_pieces(sizes: tuple[int, int],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every corpus document, read in tiny chunks through tiny windows (so that every item
+    straddles a refill), is accepted or refused exactly as with the default sizes."""
+    expected = {c.id: _outcome(c.data, True) for c in CASES}
+    window, chunk = sizes
+    monkeypatch.setattr(manifest._Parser, "WINDOW", window)
+    monkeypatch.setattr(manifest._Parser, "CHUNK", chunk)
+    monkeypatch.setattr(manifest._Parser, "LOOKAHEAD", window)
+    for case in CASES:
+        assert _outcome(case.data, True) == expected[case.id], case.id
+
+
+def test_a_character_that_is_not_utf8_is_refused_wherever_the_window_falls() -> None:
+    good = json.dumps({"a": "x" * 50 + "é" + "y" * 50}, ensure_ascii=False).encode()
+    bad = good.replace("é".encode(), b"\xc3\x28")
+    for window in (1, 2, 7, 53, 54, 4096):
+        p = _small_parser(good, window, window)
+        assert p.document(lambda raw: None)["a"].count("é") == 1
+        p = _small_parser(bad, window, window)
+        with pytest.raises(ManifestError, match="not UTF-8"):
+            p.document(lambda raw: None)

@@ -123,7 +123,8 @@ names = st.binary(min_size=1, max_size=12).filter(
 trees = st.recursive(
     st.one_of(
         st.tuples(st.just("file"), st.binary(max_size=300), st.booleans()),
-        st.tuples(st.just("link"), st.binary(min_size=1, max_size=40).filter(lambda t: b"\0" not in t)),
+        st.tuples(st.just("link"),
+                  st.binary(min_size=1, max_size=40).filter(lambda t: b"\0" not in t)),
     ),
     lambda children: st.dictionaries(names, children, max_size=5).map(lambda d: ("dir", d)),
     max_leaves=20,
@@ -138,7 +139,8 @@ def encode(tree: tuple) -> bytes:  # type: ignore[type-arg]
     return directory(*[(name, encode(child)) for name, child in sorted(tree[1].items())])
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(tree=trees)
 def test_property_restore_then_dump_is_identity(tmp_path: Path, tree: tuple) -> None:  # type: ignore[type-arg]
     data = archive(encode(tree))

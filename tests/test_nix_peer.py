@@ -157,7 +157,8 @@ def test_guix_restore_leaves_a_db_nix_never_opened(tmp_path: Path) -> None:
     assert "ultimate" not in columns and "FailedPaths" in tables  # not migrated by Nix
 
 
-def test_flavours_never_cross(tmp_path: Path, nix_saved: tuple[Path, Path, Path, list[str]]) -> None:
+def test_flavours_never_cross(tmp_path: Path,
+                              nix_saved: tuple[Path, Path, Path, list[str]]) -> None:
     _, cache, manifest, _ = nix_saved
     guix = make_sample(tmp_path / "guix", items=3)
     # a Nix manifest is not registered into a Guix DB...

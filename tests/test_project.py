@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -43,8 +44,18 @@ def test_ci_runs_the_readme_test_command() -> None:
 
 @pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff not installed")
 def test_ruff_is_clean() -> None:
-    proc = subprocess.run(["ruff", "check", "incstore"], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(["ruff", "check", "incstore", "tests", "bench"], cwd=ROOT,
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
+
+
+def test_cli_defaults_match_the_library() -> None:
+    """cli.py repeats a few defaults so that `--help` does not import the verbs; they must agree."""
+    from incstore import cli, gc, save, trust
+
+    assert cli.DEFAULT_LEVEL == save.DEFAULT_LEVEL
+    assert cli.DEFAULT_GRACE == gc.DEFAULT_GRACE
+    assert Path(cli.DEFAULT_GUIX_ACL) == trust.DEFAULT_GUIX_ACL
 
 
 def test_mypy_is_clean() -> None:

@@ -7,6 +7,8 @@ import os
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from incstore import db, sample
 from incstore.demo import rows
 from incstore.store import Store
@@ -97,7 +99,7 @@ def test_restore_into_mostly_populated_prefix_extracts_only_the_missing(
 def test_noop_restore_extracts_nothing_and_keeps_the_db(
     tmp_path: Path, saved: tuple[SampleStore, Path, Path]
 ) -> None:
-    src, cache, manifest = saved
+    _src, cache, manifest = saved
     dst = tmp_path / "dst"
     assert run("restore", "--manifest", manifest, "--cache", cache, "--prefix", dst).code == 0
     db_file = Store(dst, db.GUIX).default_db
@@ -179,3 +181,42 @@ def test_two_workflows_share_their_common_chunks(tmp_path: Path) -> None:
     assert r.json()["written"] == len(new)
     m = json.loads((tmp_path / "b.json").read_text())
     assert len(m["items"]) == len(a.infos) + len(new)
+
+
+def test_a_save_reads_again_only_the_chunks_that_changed_since_it_checked_them(
+        tmp_path: Path, guix_store: SampleStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reused chunks are checked by size and XXH3-128; this machine's record of that check
+    (outside the chunk store) spares the read while the file's identity (device, inode, size,
+    change time) is unchanged. A chunk rewritten in place, even with its size and mtime put
+    back, has a new change time and is read, found wrong, and written again."""
+    from incstore.chunkstore import ChunkStore
+    from incstore.save import execute_save, plan_save
+
+    cache = tmp_path / "cache"
+    reads: list[str] = []
+    real = ChunkStore.quick_digest
+
+    def counting(self: ChunkStore, key: str, **kw: object) -> tuple[int, str]:
+        reads.append(key)
+        return real(self, key, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ChunkStore, "quick_digest", counting)
+
+    def save() -> int:
+        plan = plan_save(guix_store.db_path, guix_store.prefix, cache)
+        return len(execute_save(plan, tmp_path / "m.json").written)
+
+    assert save() == len(guix_store.infos)
+    assert save() == 0 and reads == []  # written by this machine: nothing to read again
+    reads.clear()
+    victim = sorted((cache / "nar").iterdir())[0]
+    before = victim.stat()
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF
+    victim.chmod(0o644)
+    victim.write_bytes(bytes(data))  # in place: same inode and size
+    os.utime(victim, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert save() == 1
+    assert reads == [victim.name.removesuffix(".nar.zst")]
+    r = run("check", "--cache", cache)
+    assert r.code == 0, r.err

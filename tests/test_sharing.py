@@ -81,7 +81,7 @@ def test_three_overlapping_workflows_share_one_chunk_store(tmp_path: Path) -> No
 
 
 def test_restore_by_name(tmp_path: Path) -> None:
-    src, cache, _ = three_workflows(tmp_path)
+    _src, cache, _ = three_workflows(tmp_path)
     dst = tmp_path / "dst"
     r = run("restore", "--name", "w1", "--cache", cache, "--prefix", dst, "--json")
     assert r.code == 0, r.err
@@ -178,7 +178,7 @@ def test_save_running_with_gc_loses_nothing_a_kept_manifest_needs(tmp_path: Path
 
 
 def test_check_full_names_a_flipped_byte_a_missing_chunk_and_an_orphan(tmp_path: Path) -> None:
-    src, cache, _ = three_workflows(tmp_path)
+    _src, cache, _ = three_workflows(tmp_path)
     chunks = ChunkStore(cache)
     doc = validate_manifest(chunks.manifest_path("w0"))
     flipped, gone = doc["items"][0], doc["items"][1]

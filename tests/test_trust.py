@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from incstore import db
-from incstore.chunkstore import ChunkStore
 from incstore.demo import rows
 from incstore.errors import KeyFileError, SignatureError
 from incstore.signature import (
