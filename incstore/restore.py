@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import time
+from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -344,55 +345,79 @@ class RestoreResult:
         return combine(self.failed, "restore") if self.failed else None
 
 
-def _closure(manifest: Manifest, ok: bytearray, missing_external: set[str]) -> bytearray:
+class _Referrers:
+    """Who references each item (self-references left out), as two flat integer arrays: the
+    reverse of the manifest's reference lists, a few bytes per reference whatever the size."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        count = len(manifest)
+        starts = array("l", bytes(8 * (count + 1)))
+        for n in range(count):
+            for r in manifest.ref_indices(n):
+                if r != n and r < count:
+                    starts[r + 1] += 1
+        for n in range(count):
+            starts[n + 1] += starts[n]
+        fill = array("l", starts)
+        who = array("l", bytes(8 * starts[count]))
+        for n in range(count):
+            for r in manifest.ref_indices(n):
+                if r != n and r < count:
+                    who[fill[r]] = n
+                    fill[r] += 1
+        self.starts = starts
+        self.who = who
+
+    def of(self, n: int) -> array[int]:
+        return self.who[self.starts[n]: self.starts[n + 1]]
+
+
+def _closure(manifest: Manifest, ok: bytearray, missing_external: set[str],
+             referrers: _Referrers) -> bytearray:
     """Which items are usable: `ok` (present or extracted) and every reference usable (an
     external one: not missing from the target store), by propagating failures backwards
     along references once (linear in items + references)."""
     count = len(manifest)
     usable = bytearray(ok)
-    referrers: dict[int, list[int]] = {}
-    bad: list[int] = []
-    for n in range(count):
-        for r in manifest.ref_indices(n):
-            if r == n:
-                continue
-            if r >= count:
-                if manifest.external[r - count] in missing_external and usable[n]:
-                    usable[n] = 0
-            else:
-                referrers.setdefault(r, []).append(n)
-        if not usable[n]:
-            bad.append(n)
+    if missing_external:
+        for n in range(count):
+            if usable[n] and any(r >= count and manifest.external[r - count] in missing_external
+                                 for r in manifest.ref_indices(n)):
+                usable[n] = 0
+    bad = [n for n in range(count) if not usable[n]]
     while bad:
-        for referrer in referrers.get(bad.pop(), ()):
+        for referrer in referrers.of(bad.pop()):
             if usable[referrer]:
                 usable[referrer] = 0
                 bad.append(referrer)
     return usable
 
 
-def _topological(manifest: Manifest, members: list[int]) -> tuple[list[int], list[int]]:
+def _topological(manifest: Manifest, members: array[int], referrers: _Referrers
+                 ) -> tuple[array[int], list[int]]:
     """`members` with references first; the second list holds those on a reference cycle
     (other than a self-reference), which no daemon could register one by one."""
-    inside = set(members)
-    pending = {n: sum(1 for r in set(manifest.ref_indices(n)) if r != n and r in inside)
-               for n in members}
-    referrers: dict[int, list[int]] = {}
+    count = len(manifest)
+    inside = bytearray(count)
     for n in members:
-        for r in set(manifest.ref_indices(n)):
-            if r != n and r in inside:
-                referrers.setdefault(r, []).append(n)
-    ready = sorted(n for n, k in pending.items() if k == 0)
-    order: list[int] = []
+        inside[n] = 1
+    pending = array("l", bytes(8 * count))
+    for n in members:
+        pending[n] = sum(1 for r in manifest.ref_indices(n) if r != n and r < count and inside[r])
+    ready = sorted(n for n in members if pending[n] == 0)
+    order = array("l")
     while ready:
         n = ready.pop()
         order.append(n)
-        for m in referrers.get(n, ()):
-            pending[m] -= 1
-            if pending[m] == 0:
-                ready.append(m)
-    placed = set(order)
-    return order, [n for n in members if n not in placed]
+        for m in referrers.of(n):
+            if inside[m]:
+                pending[m] -= 1
+                if pending[m] == 0:
+                    ready.append(m)
+    placed = bytearray(count)
+    for n in order:
+        placed[n] = 1
+    return order, [n for n in members if not placed[n]]
 
 
 class _Run:
@@ -576,15 +601,17 @@ def _batches(run: _Run) -> Iterator[list[int]]:
     for n, done in enumerate(run.extracted):
         if done:
             ok[n] = 1
-    usable = _closure(manifest, ok, set(plan.missing_external))
-    members = [n for n, done in enumerate(run.extracted) if done and usable[n]]
-    order, cyclic = _topological(manifest, members)
+    referrers = _Referrers(manifest)
+    usable = _closure(manifest, ok, set(plan.missing_external), referrers)
+    members = array("l", (n for n, done in enumerate(run.extracted) if done and usable[n]))
+    order, cyclic = _topological(manifest, members, referrers)
+    del referrers
     for n in cyclic:
         run.fail(StoreError("is on a reference cycle; not registered", item=manifest.paths[n]))
     limit = ensure_open_files(MAX_BATCH * 2 + FD_RESERVE)
     size = max(1, min(MAX_BATCH, (limit - FD_RESERVE - run.jobs * 80) // 2))
     for start in range(0, len(order), size):
-        yield order[start: start + size]
+        yield list(order[start: start + size])
 
 
 def _place_and_register(run: _Run, sd: StoreDir) -> None:

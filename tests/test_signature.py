@@ -234,20 +234,6 @@ def test_guix_record_rules(guix_key: GuixSecretKey) -> None:
         guix_sign_narinfo(guix_key, UNSIGNED, host="a;b")
 
 
-def test_guix_sign_and_verify_take_milliseconds(guix_key: GuixSecretKey) -> None:
-    signed = guix_sign_narinfo(guix_key, UNSIGNED)
-    guix_verify_narinfo(signed, [guix_key.public_key])  # builds the key's table once
-    start = time.perf_counter()
-    for i in range(20):
-        guix_sign_narinfo(guix_key, UNSIGNED + f"X-N: {i}\n")
-    sign_time = (time.perf_counter() - start) / 20
-    start = time.perf_counter()
-    for _ in range(20):
-        assert guix_verify_narinfo(signed, [guix_key.public_key])
-    verify_time = (time.perf_counter() - start) / 20
-    assert sign_time < 0.05 and verify_time < 0.05, (sign_time, verify_time)
-
-
 def test_importing_the_module_does_not_import_cryptography() -> None:
     code = "import sys, incstore.signature; sys.exit('cryptography' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
