@@ -96,6 +96,23 @@ def store_rows(prefix: Path, summary: Summary, where: Iterable[str], reps: int, 
             return rows
         row.ours_bytes, row.base_bytes = du(cache) + du(manifest), du(archive)
         done(row)
+        if "shm" in where:  # the same save into tmpfs: the CPU's share, without the disk's
+            row = Row("cold save", "shm", items=n)
+            spool = Path(tempfile.mkdtemp(prefix="incstore-growth-", dir=shm_dir))
+            shm_cache = spool / "cache"
+            try:
+                shm_save = [*save[:-4], "--cache", str(shm_cache),
+                            "--manifest", str(spool / "m.json")]
+                for rep in range(reps):
+                    wipe(shm_cache)
+                    pair(row, rep, shm_save, tar_create(prefix, spool / "store.tar.zst"),
+                         reset=lambda: wipe(shm_cache))
+                row.ours_bytes, row.base_bytes = du(shm_cache), du(spool / "store.tar.zst")
+                done(row)
+            except CommandFailed as e:
+                give_up(row, e, [])
+            finally:
+                wipe(spool)
 
         row = Row("save, nothing new", "disk", items=n)
         try:
@@ -198,18 +215,16 @@ def plot(rows: list[Row], path: Path) -> bool:
         return False
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.2))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    places = sorted({r.where for r in rows if r.scenario.startswith(("restore", "no-op"))})
     for i, scenario in enumerate(SCENARIOS):
-        for place in places if scenario.startswith(("restore", "no-op")) else ["disk"]:
+        places = sorted({r.where for r in rows if r.scenario == scenario}, reverse=True)
+        for place in places:  # shm first (solid), then disk (dash-dot) where both were timed
             pts = sorted(((r.items, r) for r in rows if r.scenario == scenario and
                           r.where == place and not r.failed), key=lambda p: p[0])
             if not pts:
                 continue
             xs = [x for x, _ in pts]
-            label = scenario + (f" ({place})" if (len(places) > 1 and place != "disk")
-                                or scenario.startswith(("restore", "no-op")) else "")
-            style = "-" if place != "disk" or not scenario.startswith(("restore", "no-op")) \
-                else "-."
+            label = f"{scenario} ({place})"
+            style = "-." if place == "disk" and len(places) > 1 else "-"
             left.plot(xs, [r.ratio for _, r in pts], style, marker="o", color=colours[i],
                       label=label)
             right.plot(xs, [Row.med(r.ours) for _, r in pts], style, marker="o",

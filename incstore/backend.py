@@ -46,7 +46,8 @@ _DIR_NOFOLLOW = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def valid_name(name: str) -> bool:
-    return bool(_NAME_RE.fullmatch(name)) and not any(p in (".", "..") for p in name.split("/"))
+    parts = name.split("/")
+    return bool(_NAME_RE.fullmatch(name)) and "." not in parts and ".." not in parts
 
 
 def check_name(name: str) -> str:
@@ -155,6 +156,12 @@ class Backend(ABC):
             spool.close()
             os.unlink(spool.name)
             raise
+
+    def stage_bytes(self, name: str, data: bytes) -> Staged:
+        """`stage` for a blob already in memory."""
+        with self.stage(name) as f:
+            f.write(data)
+        return f.staged
 
     def publish(self, staged: list[Staged], *, replace: bool) -> list[bool]:
         """Give each staged blob its name: create-only (False where the name is taken) unless
@@ -268,6 +275,9 @@ class LocalBackend(Backend):
         write goes through it, so a symlink planted later is never followed) and the blob's
         base name."""
         directory, _, base = check_name(name).rpartition("/")
+        fd = self._dirs.get(directory)  # kept once opened: no lock needed to find it
+        if fd is not None:
+            return fd, base
         with self._lock:
             fd = self._dirs.get(directory)
             if fd is None:
@@ -350,6 +360,23 @@ class LocalBackend(Backend):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp, dir_fd=fd)
             raise
+
+    def stage_bytes(self, name: str, data: bytes) -> Staged:
+        # no file object: for the thousands of small chunks and narinfos of a save
+        fd, base = self._dir(name)
+        out, tmp = self._new_temp(fd, base)
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(out, view):]
+            finally:
+                os.close(out)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=fd)
+            raise
+        return Staged(name, tmp, len(data))
 
     def publish(self, staged: list[Staged], *, replace: bool) -> list[bool]:
         """Make the staged blobs durable with one file-system sync (instead of an fsync each),

@@ -12,7 +12,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -30,7 +30,7 @@ from incstore.errors import (
     combine,
 )
 from incstore.manifest import ChunkRef, Item, Manifest, from_bytes, now_utc, saved_at
-from incstore.pool import bounded_map
+from incstore.pool import bounded_map, overlapped_map
 from incstore.store import Store
 from incstore.storepath import StorePath, nix32_encode
 
@@ -59,21 +59,31 @@ def variant_key(info: db.PathInfo, store_dir: str) -> str:
     return f"{hash_part}.{narinfo_hash(info.hash).removeprefix('sha256:')[:12]}"
 
 
-def _known_chunks(store: ChunkStore, complete: set[str]) -> dict[str, tuple[str, ChunkRef]]:
-    """key -> (DB-form NAR hash, chunk ref), from the named manifests: a few GETs instead of
-    one narinfo read per reused chunk. Keys the manifests disagree on are left out."""
+def _known_chunks(store: ChunkStore, complete: set[str], previous: Manifest | None
+                  ) -> dict[str, tuple[str, ChunkRef]]:
+    """key -> (DB-form NAR hash, chunk ref), from the named manifests and the previous
+    manifest (a file given with --manifest): a few reads instead of one narinfo read per
+    reused chunk. Keys the manifests disagree on are left out. Each reused chunk is still
+    checked against its size and xxh3 before the save relies on it (`_verify_reused`)."""
     known: dict[str, tuple[str, ChunkRef]] = {}
     clash: set[str] = set()
-    for name in store.manifest_names():
-        with contextlib.suppress(ManifestError):
-            m = from_bytes(store.read_manifest(name), name)
-            for n in range(len(m)):
-                key = m.chunk_key(n)
-                if key not in complete:
-                    continue
-                entry = (m.nar_hash(n), m.chunk(n))
-                if known.setdefault(key, entry) != entry:
-                    clash.add(key)
+
+    def manifests() -> Iterator[Manifest]:
+        if previous is not None:
+            yield previous
+        for name in store.manifest_names():
+            if previous is None or name != previous.name:
+                with contextlib.suppress(ManifestError):
+                    yield from_bytes(store.read_manifest(name), name)
+
+    for m in manifests():
+        for n in range(len(m)):
+            key = m.chunk_key(n)
+            if key not in complete:
+                continue
+            entry = (m.nar_hash(n), m.chunk(n))
+            if known.setdefault(key, entry) != entry:
+                clash.add(key)
     return {k: v for k, v in known.items() if k not in clash}
 
 
@@ -142,7 +152,7 @@ def plan_save(
         store.check_store_dir(flavour.store_dir)
     files = store.chunk_files()
     complete = store.narinfo_keys() & set(files)
-    known = _known_chunks(store, complete) if complete else {}
+    known = _known_chunks(store, complete, previous) if complete else {}
 
     def existing(key: str) -> tuple[str, ChunkRef] | None:
         """What the chunk store says the chunk under `key` holds, if it says so consistently:
@@ -340,39 +350,56 @@ def stage_chunk(chunks: ChunkStore, store: Store, info: db.PathInfo, key: str, l
     """Serialise, verify and compress one item into a staged chunk (published later, with
     others, by `ChunkStore.publish_chunks`)."""
     source = os.fspath(store.physical(info.path))
-    if not os.path.lexists(source):
-        raise StoreError("is valid in the DB but missing from the store", item=info.path)
     cctx = _compressor(level, threads)
+    if info.nar_size <= INLINE_NAR:
+        # most items of a real store are small: NAR and chunk in memory, one write
+        parts: list[bytes] = []
+        digest = _dump(info, source, parts.append)
+        if digest.size <= INLINE_NAR:
+            _check_digest(info, digest)
+            import xxhash
+
+            data = cctx.compress(b"".join(parts))
+            try:
+                staged = chunks.backend.stage_bytes(chunks.chunk_name(key), data)
+            except OSError as e:
+                raise StoreError(f"cannot write its chunk: {e.strerror or e}",
+                                 item=info.path) from e
+            return staged, ChunkRef(key, len(data), xxhash.xxh3_128_hexdigest(data))
+        # it grew: stream it instead (and let the hash check below refuse it)
     try:
         with chunks.backend.stage(chunks.chunk_name(key)) as f:
             out = _HashingWriter(f)  # type: ignore[arg-type]
-            try:
-                digest: nar.NarDigest | None = None
-                if info.nar_size <= INLINE_NAR:
-                    parts: list[bytes] = []
-                    digest = nar.dump_hashed(source, parts.append)
-                    if digest.size <= INLINE_NAR:
-                        out.write(cctx.compress(b"".join(parts)))
-                    else:
-                        digest = None  # it grew: stream it instead
-                if digest is None:
-                    # no pledged content size: an item that changed size must reach the hash
-                    # check below
-                    writer = cctx.stream_writer(out, closefd=False)  # type: ignore[arg-type]
-                    with writer as zw:
-                        digest = nar.dump_hashed(source, zw.write)
-            except OSError as e:
-                raise StoreError(f"cannot read: {e.strerror or e}", item=info.path) from e
-            if digest.db_hash != info.hash or digest.size != info.nar_size:
-                raise StoreHashMismatchError(
-                    f"contents changed: NAR is {digest.db_hash} ({digest.size} bytes) but the "
-                    f"DB records {info.hash} ({info.nar_size} bytes); not saved",
-                    item=info.path,
-                )
+            # no pledged content size: an item that changed size must reach the hash check
+            writer = cctx.stream_writer(out, closefd=False)  # type: ignore[arg-type]
+            with writer as zw:
+                digest = _dump(info, source, zw.write)
+            _check_digest(info, digest)
             staged = f.staged
     except OSError as e:
         raise StoreError(f"cannot write its chunk: {e.strerror or e}", item=info.path) from e
     return staged, ChunkRef(key, out.size, out.xxh.hexdigest())
+
+
+def _dump(info: db.PathInfo, source: str, sink: Callable[[bytes], object]) -> nar.NarDigest:
+    try:
+        return nar.dump_hashed(source, sink)
+    except FileNotFoundError as e:
+        if not os.path.lexists(source):
+            raise StoreError("is valid in the DB but missing from the store",
+                             item=info.path) from e
+        raise StoreError(f"cannot read: {e.strerror or e}", item=info.path) from e
+    except OSError as e:
+        raise StoreError(f"cannot read: {e.strerror or e}", item=info.path) from e
+
+
+def _check_digest(info: db.PathInfo, digest: nar.NarDigest) -> None:
+    if digest.db_hash != info.hash or digest.size != info.nar_size:
+        raise StoreHashMismatchError(
+            f"contents changed: NAR is {digest.db_hash} ({digest.size} bytes) but the "
+            f"DB records {info.hash} ({info.nar_size} bytes); not saved",
+            item=info.path,
+        )
 
 
 def write_chunk(
@@ -677,12 +704,9 @@ def _save(plan: SavePlan, chunks: ChunkStore, manifest_path: Path | None, name: 
                 written.append(info.path)
             except IncstoreError as e:
                 fail(info, for_item(e, info.path))
-        narinfos = []
-        for info, ref in done:
-            text = narinfo_text(info, ref.key, ref, signer)
-            with chunks.backend.stage(chunks.narinfo_name(ref.key)) as f:
-                f.write(text)
-                narinfos.append(f.staged)
+        narinfos = [chunks.backend.stage_bytes(chunks.narinfo_name(ref.key),
+                                               narinfo_text(info, ref.key, ref, signer))
+                    for info, ref in done]
         try:
             chunks.backend.publish(narinfos, replace=True)
         except IncstoreError as e:
@@ -701,8 +725,19 @@ def _save(plan: SavePlan, chunks: ChunkStore, manifest_path: Path | None, name: 
 
     def run(todo: list[db.PathInfo]) -> None:
         workers = max(jobs, chunks.backend.min_workers)
+        # large items first, so the tail of the run is not one big item on one core
+        todo = sorted(todo, key=lambda i: -i.nar_size)
+        results: Iterable[tuple[db.PathInfo, tuple[Staged, ChunkRef] | IncstoreError]]
+        if chunks.backend.verifies_reads_cheaply and jobs > 1:
+            # local: small items in this thread while the pool hashes and compresses the
+            # large ones (see incstore.pool.overlapped_map)
+            results = overlapped_map(one, [i for i in todo if i.nar_size <= INLINE_NAR],
+                                     [i for i in todo if i.nar_size > INLINE_NAR],
+                                     workers=workers)
+        else:
+            results = bounded_map(one, todo, workers=workers)
         batch: list[tuple[db.PathInfo, Staged, ChunkRef]] = []
-        for info, outcome in bounded_map(one, todo, workers=workers):
+        for info, outcome in results:
             if isinstance(outcome, IncstoreError):
                 fail(info, outcome)
                 continue
@@ -712,8 +747,7 @@ def _save(plan: SavePlan, chunks: ChunkStore, manifest_path: Path | None, name: 
                 batch = []
         publish(batch)
 
-    # large items first, so the tail of the run is not one big item on one core
-    run(sorted((i for i in plan.items if i.path not in reused), key=lambda i: -i.nar_size))
+    run([i for i in plan.items if i.path not in reused])
     # a gc that planned before our pending record existed may have swept a reused chunk
     present = set(chunks.chunk_keys())
     run([i for i in plan.items if i.path in reused and refs[i.path].key not in present])
