@@ -12,6 +12,7 @@ A chunk comes from a store someone else may write, so before and while it is dec
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -22,10 +23,18 @@ HEADER_BYTES = 18  # the longest frame header
 MAGIC = b"\x28\xb5\x2f\xfd"
 
 
-def decompressor() -> zstandard.ZstdDecompressor:
-    import zstandard
+_LOCAL = threading.local()
 
-    return zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW)
+
+def decompressor() -> zstandard.ZstdDecompressor:
+    """This thread's decoder (making one costs more than decoding a small chunk); each
+    `stream_reader` of it starts a fresh frame."""
+    found = getattr(_LOCAL, "decompressor", None)
+    if found is None:
+        import zstandard
+
+        found = _LOCAL.decompressor = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW)
+    return found
 
 
 def header_problem(head: bytes, nar_size: int | None) -> str | None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import time
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
@@ -47,7 +47,7 @@ from incstore.errors import (
 )
 from incstore.locks import HeldLock, ensure_open_files, take
 from incstore.manifest import ChunkRef, Manifest
-from incstore.pool import bounded_map
+from incstore.pool import bounded_map, overlapped_map
 from incstore.store import Store
 from incstore.storedir import ItemLock, StoreDir, is_plain
 from incstore.trust import Policy, Roots, Verdict, judge
@@ -56,6 +56,7 @@ Progress = Callable[[str, str], None]
 DbMode = Literal["auto", "swap", "out", "in-place"]
 FD_RESERVE = 128  # descriptors kept free for workers, the DB and the chunk store
 MAX_BATCH = 1024
+SMALL_NAR = 1 << 20  # items up to this size are extracted in the calling thread
 SPACE_MARGIN = 64 << 20
 
 
@@ -575,7 +576,16 @@ def _extract_all(run: _Run, chunks: ChunkStore, sd: StoreDir,
         return outcome
 
     workers = max(run.jobs, chunks.backend.min_workers)
-    for n, outcome in bounded_map(one, todo, workers=workers):
+    outcomes: Iterable[tuple[int, _Extraction]]
+    if chunks.backend.verifies_reads_cheaply and run.jobs > 1:
+        # local: small items in this thread while the pool does the large ones, whose
+        # decompression, hashing and writes release the GIL (see incstore.pool)
+        outcomes = overlapped_map(one, [n for n in todo if manifest.nar_size(n) <= SMALL_NAR],
+                                  [n for n in todo if manifest.nar_size(n) > SMALL_NAR],
+                                  workers=workers)
+    else:
+        outcomes = bounded_map(one, todo, workers=workers)
+    for n, outcome in outcomes:
         if outcome.error is None:
             run.extracted[n] = 1
             if run.progress:
