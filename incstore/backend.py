@@ -10,7 +10,6 @@ a single PUT or a completed multipart upload remotely. `create` never replaces a
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import re
 import tempfile
@@ -163,9 +162,12 @@ class Backend(ABC):
             f.write(data)
         return f.staged
 
-    def publish(self, staged: list[Staged], *, replace: bool) -> list[bool]:
+    def publish(self, staged: list[Staged], *, replace: bool, durable: bool = False
+                ) -> list[bool]:
         """Give each staged blob its name: create-only (False where the name is taken) unless
-        `replace`. Each is uploaded on its own: remote writes are atomic."""
+        `replace`. Each is uploaded on its own: remote writes are atomic. `durable`: the
+        staged files were already made durable (by an earlier `publish` of this backend that
+        came after they were staged)."""
         done = []
         for blob in staged:
             try:
@@ -378,13 +380,15 @@ class LocalBackend(Backend):
             raise
         return Staged(name, tmp, len(data))
 
-    def publish(self, staged: list[Staged], *, replace: bool) -> list[bool]:
+    def publish(self, staged: list[Staged], *, replace: bool, durable: bool = False
+                ) -> list[bool]:
         """Make the staged blobs durable with one file-system sync (instead of an fsync each),
         then give each its name, and sync the directories once: every blob is complete and
         durable before it has a name."""
         if not staged:
             return []
-        _syncfs(self._dir(staged[0].name)[0])
+        if not durable:
+            atomicfile.syncfs(self._dir(staged[0].name)[0])
         faults.point("atomicfile.before-rename")
         done = []
         dirs = set()
@@ -529,26 +533,6 @@ class LocalBackend(Backend):
     def sweep(self) -> list[str]:
         return [name for directory, _, _ in os.walk(self.root)
                 for name in atomicfile.sweep(Path(directory))]
-
-
-@functools.cache
-def _libc_syncfs() -> Any:
-    """libc's syncfs(2), looked up on first use (ctypes costs an import on every run)."""
-    import ctypes
-
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).syncfs  # the symbols already in the process
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int]
-    return fn
-
-
-def _syncfs(fd: int) -> None:
-    """Flush everything written to the file system holding `fd` (one call for a batch)."""
-    syncfs = _libc_syncfs()
-    if syncfs is None or syncfs(fd) != 0:
-        os.sync()
 
 
 def open_backend(location: str | Path) -> Backend:

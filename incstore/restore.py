@@ -631,6 +631,9 @@ def _place_and_register(run: _Run, sd: StoreDir) -> None:
     live = run.mode == "in-place" and plan.db_path.exists()
     conn = db.open_live(plan.db_path) if live else None
     failed_here: set[int] = set()
+    # a power cut must not leave the DB naming an item whose files never reached the disk
+    if any(run.extracted):
+        sd.sync_trees()
     try:
         for batch in _batches(run):
             locks: list[ItemLock] = []
@@ -662,6 +665,8 @@ def _place_and_register(run: _Run, sd: StoreDir) -> None:
                                             f"temporary name: {report.failures[0]}")
                     faults.point("restore.renamed")
                     placed.append(n)
+                if placed:
+                    sd.sync_names()
                 if live:
                     assert conn is not None
                     try:

@@ -40,7 +40,7 @@ if TYPE_CHECKING:  # signing loads the signature module only when a key is given
     from incstore.signature import SecretKey
 
 MT_THRESHOLD = 32 << 20  # items above this use zstd's own worker threads as well
-PUBLISH_BATCH = 512  # chunks made durable and published together (one sync, not 512)
+PUBLISH_BATCH = 4096  # chunks made durable and published together (one sync, not 4096)
 # Level 2 saves 20% of the CPU of level 3 for 5% more bytes (bench/: the chunk store stays
 # within 1.05x the size of a `tar | zstd -3` archive of the same store).
 DEFAULT_LEVEL = 2
@@ -682,20 +682,38 @@ def _save(plan: SavePlan, chunks: ChunkStore, manifest_path: Path | None, name: 
             progress("failed", str(error))
 
     def publish(batch: list[tuple[db.PathInfo, Staged, ChunkRef]]) -> None:
-        """Publish a batch of chunks (one sync), then their narinfos (one more): each narinfo
-        appears after its chunk, and each chunk complete and durable."""
+        """Publish a batch of chunks, then their narinfos: each narinfo appears after its
+        chunk, and each chunk and narinfo complete and durable before it has its name. The
+        narinfos are staged before the chunks are published, so that one sync covers both."""
+        narinfos: list[Staged | None] = []
+        for info, _, ref in batch:
+            try:
+                narinfos.append(chunks.backend.stage_bytes(
+                    chunks.narinfo_name(ref.key), narinfo_text(info, ref.key, ref, signer)))
+            except OSError:
+                narinfos.append(None)  # a directory planted at its name: written again below
         try:
             created = chunks.backend.publish([b[1] for b in batch], replace=False)
         except IncstoreError as e:
-            for info, staged, _ in batch:
+            for (info, staged, _), narinfo in zip(batch, narinfos, strict=True):
                 chunks.backend.discard(staged)
+                if narinfo is not None:
+                    chunks.backend.discard(narinfo)
                 fail(info, for_item(e, info.path))
             return
         done: list[tuple[db.PathInfo, ChunkRef]] = []
-        for (info, _, ref), ok in zip(batch, created, strict=True):
+        ready: list[Staged] = []
+        late: list[tuple[db.PathInfo, ChunkRef]] = []
+        for (info, _, ref), ok, narinfo in zip(batch, created, narinfos, strict=True):
             if ok:
                 done.append((info, ref))
+                if narinfo is not None:
+                    ready.append(narinfo)
+                else:
+                    late.append((info, ref))
                 continue
+            if narinfo is not None:
+                chunks.backend.discard(narinfo)
             # the key was taken meanwhile (another save, or one that died before its
             # narinfo): the careful path decides between theirs, ours and a variant key
             try:
@@ -704,15 +722,19 @@ def _save(plan: SavePlan, chunks: ChunkStore, manifest_path: Path | None, name: 
                 written.append(info.path)
             except IncstoreError as e:
                 fail(info, for_item(e, info.path))
-        narinfos = [chunks.backend.stage_bytes(chunks.narinfo_name(ref.key),
-                                               narinfo_text(info, ref.key, ref, signer))
-                    for info, ref in done]
         try:
-            chunks.backend.publish(narinfos, replace=True)
+            # staged before the chunks' sync, so already durable
+            chunks.backend.publish(ready, replace=True, durable=True)
         except IncstoreError as e:
             for info, _ in done:
                 fail(info, for_item(e, info.path))
             return
+        for info, ref in late:  # could not be staged: the general path, and its own error
+            try:
+                write_narinfo(chunks, info, ref.key, ref, signer=signer)
+            except IncstoreError as e:
+                fail(info, for_item(e, info.path))
+                done.remove((info, ref))
         for info, ref in done:
             refs[info.path] = ref
             written.append(info.path)

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from incstore import atomicfile
 from incstore.atomicfile import temp_owner, writer_alive
 from incstore.errors import LockedError, StoreError
 from incstore.locks import Primitive, acquire, open_lock_file
@@ -93,6 +94,15 @@ class StoreDir:
 
     def __enter__(self) -> StoreDir:
         return self
+
+    def sync_trees(self) -> None:
+        """Make every file written under the store durable (one syncfs for all the trees a
+        restore extracted, not an fsync per file): before any of them gets its final name."""
+        atomicfile.syncfs(self.fd)
+
+    def sync_names(self) -> None:
+        """Make the renames into the store directory durable: before the DB may name them."""
+        os.fsync(self.fd)
 
     def __exit__(self, *exc: object) -> None:
         self.close()
