@@ -17,9 +17,10 @@ from .conftest import ROOT
 
 def test_readme_exit_code_table_matches_the_code() -> None:
     readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## Exit codes\n", 1)[1].split("\n## ", 1)[0]
     table = dict(
         (int(code), text.strip())
-        for code, text in re.findall(r"^\| (\d+) \| (.+?) \|$", readme, flags=re.M)
+        for code, text in re.findall(r"^\| (\d+) \| (.+?) \|$", section, flags=re.M)
     )
     assert table == EXIT_CODES
 
