@@ -448,6 +448,34 @@ def test_setup_builds_its_venv_caches_the_wheels_and_never_reuses_a_broken_one(
     assert outputs(second, "restore")["hit"] == "true"
 
 
+def test_an_s3_chunk_store_through_the_actions(world: World, tmp_path: Path) -> None:
+    """`cache: s3://…`, the way past 10 GB: the setup step builds its venv the real way with
+    the s3 extra (obstore), the save writes the chunk store to the bucket (a server on
+    loopback), the next job restores from it, and actions/cache holds only the wheels."""
+    from .s3server import S3Server, available
+
+    if not available("localbucket"):
+        pytest.skip("localbucket is not installed")
+    server = S3Server("localbucket", data=tmp_path / "bucket").start()
+    try:
+        server.create_bucket("guix-ci")
+        world.gh.image_env.pop("INCSTORE_VENV", None)
+        s3 = {"cache": "s3://guix-ci/store"}
+        doc = workflow(restore=s3, save=s3, env=server.env)
+        first = world.run(doc)
+        assert first.success, first.log
+        assert int(outputs(first, "save")["written"]) > 0, first.log
+        assert world.keys() == []  # the chunk store is in the bucket, not in actions/cache
+        assert list((tmp_path / "bucket").rglob("*.narinfo")), "nothing reached the bucket"
+        second = world.run(doc)
+        assert second.success, second.log
+        restore = outputs(second, "restore")
+        assert restore["hit"] == "true" and int(restore["restored"]) > 0, second.log
+        assert outputs(second, "save")["changed"] == "false", second.log
+    finally:
+        server.stop()
+
+
 def test_setup_refuses_other_operating_systems(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.write_text("")

@@ -32,9 +32,16 @@ fi
 
 version="$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
 deps="$(sed -n '/^dependencies = \[/,/^\]/p' "$root/pyproject.toml" | grep -o '"[^"]*"' | tr -d '"')"
+target="$root"
+case "${INCSTORE_CACHE:-}" in
+    s3://*)  # the S3 chunk store needs the s3 extra (obstore)
+        deps="$deps
+$(sed -n 's/^s3 = \[\(.*\)\]$/\1/p' "$root/pyproject.toml" | grep -o '"[^"]*"' | tr -d '"')"
+        target="${root}[s3]" ;;
+esac
 source_hash="$(cd "$root" && cat pyproject.toml incstore/*.py schema/*.sql schema/*.json | sha256sum | cut -c1-16)"
 deps_hash="$(printf '%s\n' "$deps" | sha256sum | cut -c1-16)"
-venv="${RUNNER_TEMP:-/tmp}/incstore-venv-${version}-${source_hash}"
+venv="${RUNNER_TEMP:-/tmp}/incstore-venv-${version}-${source_hash}-${deps_hash}"
 
 # a venv prepared beforehand (a self-hosted runner's image, say) is used as it is
 if [ -n "${INCSTORE_VENV:-}" ] && "$INCSTORE_VENV/bin/python" -m incstore --version >/dev/null 2>&1; then
@@ -64,21 +71,23 @@ fail() {
     exit 0
 }
 mkdir -p "$wheels"
+# one requirement per line (a requirement may carry an environment marker, spaces and all)
+requirements="$(mktemp)"
+trap 'rm -f "$requirements"' EXIT
+printf '%s\n' "$deps" > "$requirements"
 # the wheels directory is complete when every pinned requirement and the build backend are in
 # it; otherwise fetch them (this is the only step that may reach PyPI)
-# shellcheck disable=SC2086
 if ! "$python" -m pip download --quiet --disable-pip-version-check --no-index \
-        --find-links "$wheels" -d "$wheels" setuptools wheel $deps >/dev/null 2>&1; then
-    # shellcheck disable=SC2086
+        --find-links "$wheels" -d "$wheels" setuptools wheel -r "$requirements" >/dev/null 2>&1; then
     "$python" -m pip download --quiet --disable-pip-version-check -d "$wheels" \
-        "setuptools>=68" wheel $deps || fail "downloading its dependencies"
+        "setuptools>=68" wheel -r "$requirements" || fail "downloading its dependencies"
 fi
 building="$(mktemp -d "${venv}.building.XXXXXX")"
 "$python" -m venv "$building" || fail "python3 -m venv (install python3-venv)"
 "$building/bin/pip" install --quiet --disable-pip-version-check --no-index \
     --find-links "$wheels" setuptools wheel || fail "installing setuptools"
 "$building/bin/pip" install --quiet --disable-pip-version-check --no-index \
-    --find-links "$wheels" --no-build-isolation "$root" || fail "installing incstore"
+    --find-links "$wheels" --no-build-isolation "$target" || fail "installing incstore"
 "$building/bin/python" -m incstore --version >/dev/null || fail "running incstore"
 touch "$building/.incstore-ready"
 rm -rf "$venv"
