@@ -479,6 +479,8 @@ def _without_dependents(items: Iterable[Item], bad: set[str]) -> list[Item]:
     """Drop items that (transitively) reference a path in `bad`, so the manifest stays closed
     (one pass backwards along references: linear in items plus references)."""
     items = list(items)
+    if not bad:
+        return items
     referrers: dict[str, list[str]] = {}
     for item in items:
         for ref in item.info.references:

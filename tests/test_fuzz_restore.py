@@ -429,7 +429,6 @@ def run_example(base: Base, root: Path, ops: dict[str, Any]) -> dict[str, Any]:
 
     cache, manifest, prefix, outside = build_example(
         base, root, **{k: v for k, v in ops.items() if k not in ("mode", "jobs")})
-    db_file = prefix / "var/guix/db/db.sqlite"
     checkable = ops["db_state"] not in ("garbage", "empty-file")
     planted = {base.paths[i % len(base.paths)][11:] for p, i, _ in ops["state_ops"]
                if p == "final"} | {p[11:] for p in base.paths[: ops["registered"]]}
@@ -439,10 +438,6 @@ def run_example(base: Base, root: Path, ops: dict[str, Any]) -> dict[str, Any]:
     outcome = "ok"
     start = time.monotonic()
     mode = ops["mode"]
-    if mode == "in-place" and not (db_file.exists() and db_file.stat().st_size):
-        # known bug, tested on its own (test_hostile: in-place restore into a target without
-        # a DB): exercised here again once fixed
-        mode = "auto"
     with alarm(EXAMPLE_SECONDS * 2):
         try:
             loaded = manifest_mod.load(manifest)
