@@ -313,9 +313,7 @@ class LocalBackend(Backend):
         try:
             out, tmp = self._new_temp(fd, base)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(out, view):]
+                _write_all(out, data)
                 os.fsync(out)
             finally:
                 os.close(out)
@@ -369,9 +367,7 @@ class LocalBackend(Backend):
         out, tmp = self._new_temp(fd, base)
         try:
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(out, view):]
+                _write_all(out, data)
             finally:
                 os.close(out)
         except BaseException:
@@ -533,6 +529,12 @@ class LocalBackend(Backend):
     def sweep(self) -> list[str]:
         return [name for directory, _, _ in os.walk(self.root)
                 for name in atomicfile.sweep(Path(directory))]
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def open_backend(location: str | Path) -> Backend:

@@ -98,12 +98,11 @@ def _fill(db: Any, chunks: ChunkStore, out: Path) -> CatalogueReport:
     db.execute("PRAGMA journal_mode = OFF")  # a temporary file renamed in only when complete
     db.execute("PRAGMA synchronous = OFF")
     _create(db)
-    names = chunks.manifest_names()
-    entries = chunks.manifests()
+    entries = chunks.manifests()  # one listing: names with their last save
     unreadable: list[str] = []
     read = 0
     with db.conn:
-        for name in names:
+        for name in sorted(entries):
             named = read_named(chunks, [name])  # one manifest's columns at a time
             if name not in named.manifests:
                 problem = ("a version-1 manifest (save again to write version 2)"
@@ -113,9 +112,7 @@ def _fill(db: Any, chunks: ChunkStore, out: Path) -> CatalogueReport:
                 db["unreadable_manifests"].insert({"name": name, "problem": problem})
                 unreadable.append(name)
                 continue
-            entry = entries.get(name)
-            _add_manifest(db, chunks, name, named.manifests[name],
-                          entry.mtime if entry else None)
+            _add_manifest(db, chunks, name, named.manifests[name], entries[name].mtime)
             read += 1
             del named
         files = chunks.chunk_files()
@@ -156,12 +153,12 @@ def _create(db: Any) -> None:
 
 
 def _add_manifest(db: Any, chunks: ChunkStore, name: str, m: Manifest,
-                  saved: float | None) -> None:
+                  saved: float) -> None:
     count = len(m)
     cut = len(m.store_dir) + 1
     db["manifests"].insert({
         "name": name, "flavour": m.flavour.name, "created": m.created,
-        "saved": _iso(saved) if saved is not None else None, "items": count,
+        "saved": _iso(saved), "items": count,
         "nar_bytes": sum(m.nar_size(n) for n in range(count)),
         "chunk_bytes": sum(m.chunk(n).size for n in range(count)),
         "signed": int(chunks.read_manifest_sig(name) is not None),

@@ -94,10 +94,11 @@ class Links:
              ) -> None:
         """`name` in `parent` was just written with canonical metadata; `digest` is the
         sha256 of its NAR."""
-        mine = os.stat(name, dir_fd=parent, follow_symlinks=False)
         want_mode = 0o555 if executable else 0o444
 
         def holds_it(tmp: bytes) -> bool:
+            # only when an entry exists already: most files become the entry themselves
+            mine = os.stat(name, dir_fd=parent, follow_symlinks=False)
             fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
                          dir_fd=parent)
             try:
@@ -114,10 +115,10 @@ class Links:
         self._link(parent, name, digest, size, stat.S_IFREG, holds_it)
 
     def symlink(self, parent: int, name: bytes, target: bytes) -> None:
-        mine = os.stat(name, dir_fd=parent, follow_symlinks=False)
         digest = symlink_nar_digest(target)
 
         def holds_it(tmp: bytes) -> bool:
+            mine = os.stat(name, dir_fd=parent, follow_symlinks=False)
             st = os.stat(tmp, dir_fd=parent, follow_symlinks=False)
             # a symlink's target cannot change in place: reading it once settles it
             return (stat.S_ISLNK(st.st_mode) and (st.st_uid, st.st_gid) ==

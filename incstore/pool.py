@@ -92,3 +92,14 @@ def overlapped_map(fn: Callable[[T], R], light: Iterable[T], heavy: Iterable[T],
         while helper.is_alive():  # let it finish its calls in flight and put their results
             with contextlib.suppress(queue.Empty):
                 results.get(timeout=0.05)
+
+
+def map_by_size(fn: Callable[[T], R], items: Iterable[T], size: Callable[[T], int], *,
+                small: int, workers: int, overlap: bool) -> Iterator[tuple[T, R]]:
+    """`bounded_map`, or with `overlap` (a local store, more than one job) `overlapped_map`
+    with the items of `size` up to `small` as the light ones."""
+    if not overlap:
+        return bounded_map(fn, items, workers=workers)
+    items = list(items)
+    return overlapped_map(fn, [i for i in items if size(i) <= small],
+                          [i for i in items if size(i) > small], workers=workers)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import time
 from array import array
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
@@ -47,7 +47,7 @@ from incstore.errors import (
 )
 from incstore.locks import HeldLock, ensure_open_files, take
 from incstore.manifest import ChunkRef, Manifest
-from incstore.pool import bounded_map, overlapped_map
+from incstore.pool import map_by_size
 from incstore.store import Store
 from incstore.storedir import ItemLock, StoreDir, is_plain
 from incstore.trust import Policy, Roots, Verdict, judge
@@ -576,15 +576,10 @@ def _extract_all(run: _Run, chunks: ChunkStore, sd: StoreDir,
         return outcome
 
     workers = max(run.jobs, chunks.backend.min_workers)
-    outcomes: Iterable[tuple[int, _Extraction]]
-    if chunks.backend.verifies_reads_cheaply and run.jobs > 1:
-        # local: small items in this thread while the pool does the large ones, whose
-        # decompression, hashing and writes release the GIL (see incstore.pool)
-        outcomes = overlapped_map(one, [n for n in todo if manifest.nar_size(n) <= SMALL_NAR],
-                                  [n for n in todo if manifest.nar_size(n) > SMALL_NAR],
-                                  workers=workers)
-    else:
-        outcomes = bounded_map(one, todo, workers=workers)
+    # local: small items in this thread while the pool does the large ones, whose
+    # decompression, hashing and writes release the GIL (see incstore.pool)
+    outcomes = map_by_size(one, todo, manifest.nar_size, small=SMALL_NAR, workers=workers,
+                           overlap=chunks.backend.verifies_reads_cheaply and run.jobs > 1)
     for n, outcome in outcomes:
         if outcome.error is None:
             run.extracted[n] = 1

@@ -30,7 +30,7 @@ from incstore.errors import (
     combine,
 )
 from incstore.manifest import ChunkRef, Item, Manifest, from_bytes, now_utc, saved_at
-from incstore.pool import bounded_map, overlapped_map
+from incstore.pool import bounded_map, map_by_size
 from incstore.store import Store
 from incstore.storepath import StorePath, nix32_encode
 
@@ -351,23 +351,26 @@ def stage_chunk(chunks: ChunkStore, store: Store, info: db.PathInfo, key: str, l
     others, by `ChunkStore.publish_chunks`)."""
     source = os.fspath(store.physical(info.path))
     cctx = _compressor(level, threads)
-    if info.nar_size <= INLINE_NAR:
-        # most items of a real store are small: NAR and chunk in memory, one write
-        parts: list[bytes] = []
-        digest = _dump(info, source, parts.append)
-        if digest.size <= INLINE_NAR:
-            _check_digest(info, digest)
+    try:
+        if info.nar_size <= INLINE_NAR:
+            # most items of a real store are small: NAR and chunk in memory, one write (an
+            # item that grew past the DB's size is hashed through, not held, and fails the
+            # check)
+            parts: list[bytes] = []
+            held = 0
+
+            def keep(block: bytes) -> None:
+                nonlocal held
+                held += len(block)
+                if held <= INLINE_NAR:
+                    parts.append(block)
+
+            _check_digest(info, _dump(info, source, keep))
             import xxhash
 
             data = cctx.compress(b"".join(parts))
-            try:
-                staged = chunks.backend.stage_bytes(chunks.chunk_name(key), data)
-            except OSError as e:
-                raise StoreError(f"cannot write its chunk: {e.strerror or e}",
-                                 item=info.path) from e
+            staged = chunks.backend.stage_bytes(chunks.chunk_name(key), data)
             return staged, ChunkRef(key, len(data), xxhash.xxh3_128_hexdigest(data))
-        # it grew: stream it instead (and let the hash check below refuse it)
-    try:
         with chunks.backend.stage(chunks.chunk_name(key)) as f:
             out = _HashingWriter(f)  # type: ignore[arg-type]
             # no pledged content size: an item that changed size must reach the hash check
@@ -687,35 +690,33 @@ def _save(plan: SavePlan, chunks: ChunkStore, manifest_path: Path | None, name: 
         """Publish a batch of chunks, then their narinfos: each narinfo appears after its
         chunk, and each chunk and narinfo complete and durable before it has its name. The
         narinfos are staged before the chunks are published, so that one sync covers both."""
-        narinfos: list[Staged | None] = []
-        for info, _, ref in batch:
+        staged_batch: list[tuple[db.PathInfo, Staged, ChunkRef, Staged]] = []
+        for info, staged, ref in batch:
             try:
-                narinfos.append(chunks.backend.stage_bytes(
-                    chunks.narinfo_name(ref.key), narinfo_text(info, ref.key, ref, signer)))
-            except OSError:
-                narinfos.append(None)  # a directory planted at its name: written again below
-        try:
-            created = chunks.backend.publish([b[1] for b in batch], replace=False)
-        except IncstoreError as e:
-            for (info, staged, _), narinfo in zip(batch, narinfos, strict=True):
+                narinfo = chunks.backend.stage_bytes(chunks.narinfo_name(ref.key),
+                                                     narinfo_text(info, ref.key, ref, signer))
+            except (OSError, IncstoreError) as e:
                 chunks.backend.discard(staged)
-                if narinfo is not None:
-                    chunks.backend.discard(narinfo)
+                fail(info, for_item(e, info.path) if isinstance(e, IncstoreError) else
+                     StoreError(f"cannot write its narinfo: {e.strerror or e}", item=info.path))
+                continue
+            staged_batch.append((info, staged, ref, narinfo))
+        try:
+            created = chunks.backend.publish([b[1] for b in staged_batch], replace=False)
+        except IncstoreError as e:
+            for info, staged, _, narinfo in staged_batch:
+                chunks.backend.discard(staged)
+                chunks.backend.discard(narinfo)
                 fail(info, for_item(e, info.path))
             return
         done: list[tuple[db.PathInfo, ChunkRef]] = []
         ready: list[Staged] = []
-        late: list[tuple[db.PathInfo, ChunkRef]] = []
-        for (info, _, ref), ok, narinfo in zip(batch, created, narinfos, strict=True):
+        for (info, _, ref, narinfo), ok in zip(staged_batch, created, strict=True):
             if ok:
                 done.append((info, ref))
-                if narinfo is not None:
-                    ready.append(narinfo)
-                else:
-                    late.append((info, ref))
+                ready.append(narinfo)
                 continue
-            if narinfo is not None:
-                chunks.backend.discard(narinfo)
+            chunks.backend.discard(narinfo)
             # the key was taken meanwhile (another save, or one that died before its
             # narinfo): the careful path decides between theirs, ours and a variant key
             try:
@@ -731,12 +732,6 @@ def _save(plan: SavePlan, chunks: ChunkStore, manifest_path: Path | None, name: 
             for info, _ in done:
                 fail(info, for_item(e, info.path))
             return
-        for info, ref in late:  # could not be staged: the general path, and its own error
-            try:
-                write_narinfo(chunks, info, ref.key, ref, signer=signer)
-            except IncstoreError as e:
-                fail(info, for_item(e, info.path))
-                done.remove((info, ref))
         for info, ref in done:
             refs[info.path] = ref
             written.append(info.path)
@@ -751,15 +746,11 @@ def _save(plan: SavePlan, chunks: ChunkStore, manifest_path: Path | None, name: 
         workers = max(jobs, chunks.backend.min_workers)
         # large items first, so the tail of the run is not one big item on one core
         todo = sorted(todo, key=lambda i: -i.nar_size)
-        results: Iterable[tuple[db.PathInfo, tuple[Staged, ChunkRef] | IncstoreError]]
-        if chunks.backend.verifies_reads_cheaply and jobs > 1:
-            # local: small items in this thread while the pool hashes and compresses the
-            # large ones (see incstore.pool.overlapped_map)
-            results = overlapped_map(one, [i for i in todo if i.nar_size <= INLINE_NAR],
-                                     [i for i in todo if i.nar_size > INLINE_NAR],
-                                     workers=workers)
-        else:
-            results = bounded_map(one, todo, workers=workers)
+        # local: small items in this thread while the pool hashes and compresses the large
+        # ones (see incstore.pool.overlapped_map)
+        results = map_by_size(one, todo, lambda i: i.nar_size, small=INLINE_NAR,
+                              workers=workers,
+                              overlap=chunks.backend.verifies_reads_cheaply and jobs > 1)
         batch: list[tuple[db.PathInfo, Staged, ChunkRef]] = []
         for info, outcome in results:
             if isinstance(outcome, IncstoreError):

@@ -3,6 +3,7 @@ nothing registered for the affected item or anything that references it."""
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import subprocess
@@ -271,15 +272,16 @@ def test_db_with_unknown_schema_version(tmp_path: Path, guix_store: SampleStore)
     assert "schema version 8" in r.err
 
 
+@pytest.mark.parametrize("extra", [b"tampered", b"x" * (2 << 20)], ids=["small", "grew-2MiB"])
 def test_save_refuses_an_item_whose_contents_changed(
-    tmp_path: Path, guix_store: SampleStore
+    tmp_path: Path, guix_store: SampleStore, extra: bytes
 ) -> None:
     snapshot = db.read_snapshot(guix_store.db_path)
     refs = {r for i in snapshot.infos.values() for r in i.references if r != i.path}
     victim = next(p for p in sorted(refs) if Store(guix_store.prefix, db.GUIX).physical(p).is_dir())
     readme = Store(guix_store.prefix, db.GUIX).physical(victim) / "share" / "refs"
     readme.chmod(0o644)
-    readme.write_bytes(readme.read_bytes() + b"tampered")
+    readme.write_bytes(readme.read_bytes() + extra)
     r = run("save", "--db", guix_store.db_path, "--prefix", guix_store.prefix,
             "--cache", tmp_path / "c", "--manifest", tmp_path / "m.json")
     assert r.code == StoreHashMismatchError.exit_code, r.err
@@ -349,3 +351,43 @@ def test_fresh_db_from_the_real_schema(tmp_path: Path) -> None:
     conn.close()
     assert {"ValidPaths", "Refs", "DerivationOutputs", "FailedPaths", "IndexReferrer",
             "IndexReference", "IndexDerivationOutputs", "DeleteSelfRefs"} <= names
+
+
+def test_a_narinfo_that_cannot_be_staged_fails_only_its_item(
+    tmp_path: Path, guix_store: SampleStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Staging a narinfo fails (a full disk, say): that item fails with one line naming it,
+    its chunk is not published, nothing is left under a temporary name, and the manifest
+    stays closed (what references it is left out too)."""
+    from incstore import backend
+    from incstore.errors import StoreError
+    from incstore.save import execute_save, plan_save
+
+    snapshot = db.read_snapshot(guix_store.db_path)
+    victim = next(p for p in sorted(snapshot.infos)
+                  if any(p in i.references for q, i in snapshot.infos.items() if q != p))
+    key = victim.split("/")[-1][:32]
+    real = backend.LocalBackend.stage_bytes
+
+    def stage_bytes(self: backend.LocalBackend, name: str, data: bytes) -> backend.Staged:
+        if name == f"{key}.narinfo":
+            raise OSError(28, "No space left on device")
+        return real(self, name, data)
+
+    monkeypatch.setattr(backend.LocalBackend, "stage_bytes", stage_bytes)
+    cache = tmp_path / "c"
+    result = execute_save(plan_save(guix_store.db_path, guix_store.prefix, cache),
+                          tmp_path / "m.json", jobs=2)
+    error = result.error()
+    assert isinstance(error, StoreError) and error.exit_code == StoreError.exit_code
+    assert victim in str(error)
+    [failed] = result.failed
+    assert failed.item == victim and "cannot write its narinfo" in str(failed)
+    assert "\n" not in str(failed)
+    assert not (cache / "nar" / f"{key}.nar.zst").exists()
+    assert not (cache / f"{key}.narinfo").exists()
+    assert not [p for p in [*cache.iterdir(), *(cache / "nar").iterdir()]
+                if p.name.startswith(".tmp")]
+    saved = {i[0] for i in json.loads((tmp_path / "m.json").read_text())["items"]}
+    assert victim not in saved
+    assert not [p for p in saved if victim in snapshot.infos[p].references]
