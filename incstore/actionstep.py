@@ -52,6 +52,7 @@ from incstore.transfer import (
     slot_prefix,
     stage,
 )
+from incstore.xferdir import Refusal, TransferDir
 
 FAIL_ON = ("never", "corrupt", "any")
 # exit codes that mean the cache holds something wrong (not merely something missing)
@@ -210,7 +211,9 @@ def restore(step: Step) -> int:
     cache, name = step.cache, step.name
     generation, slots = None, 0
     if not step.s3:
-        applied = merge(step.xfer, Path(cache), generation=_base_generation(step.xfer))
+        merged = merge(step.xfer, Path(cache), generation=_base_generation(step.xfer))
+        _warn_refused(step, merged.problems)
+        applied = merged.entries
         bases = [e for e in applied if e.kind == "base"]
         generation = bases[-1].generation if bases else None
         slots = max((e.slot for e in applied if e.kind == "slot"), default=0)
@@ -285,6 +288,15 @@ def restore(step: Step) -> int:
                         f"{len(failed)} item(s) of {name} were not restored{more}; the daemon "
                         f"substitutes or builds them: {error}", fail_on)
     return code
+
+
+def _warn_refused(step: Step, problems: list[str]) -> None:
+    """What the transfer directory held that the format does not allow: a warning each (the
+    first ten), and those blobs or entries are a cache miss."""
+    for problem in problems[:10]:
+        step.annotate("warning", f"refused from the cache entry: {problem}")
+    if len(problems) > 10:
+        step.annotate("warning", f"... and {len(problems) - 10} more refused")
 
 
 def _base_generation(xfer: Path) -> int | None:
@@ -400,6 +412,8 @@ def save(step: Step) -> int:
         ("chunks swept", len(gc.swept)), ("chunk store bytes", f"{gc.plan.bytes_after:,}")]
     for e in result.failed[:50]:
         step.annotate("warning", f"not saved: {e}")
+    if result.not_written is not None:
+        step.annotate("warning", f"manifest {name} not written: {result.not_written}")
     if step.s3:
         step.outputs["changed"] = "true" if result.written or gc.changed else "false"
         step.summary += _table(f"incstore save `{name}`", rows)
@@ -516,9 +530,8 @@ def _merge_theirs(step: Step, root: Path, entry: Entry) -> None:
     ours = set(delta(root, snapshot).changed)
     for name in entry.files:
         if name in ours and name.startswith("manifests/") and name.endswith(".json"):
-            _union_manifest(root / name, step.xfer / name)
-            (step.xfer / name).unlink(missing_ok=True)
-    merge(step.xfer, root)
+            _union_manifest(root / name, step.xfer, name)
+    _warn_refused(step, merge(step.xfer, root).problems)
     now = Snapshot.take(root)
     for name in entry.files:
         if name in now.files and name not in ours:
@@ -528,13 +541,21 @@ def _merge_theirs(step: Step, root: Path, entry: Entry) -> None:
     snapshot.write(_snapshot_path(step))
 
 
-def _union_manifest(ours_path: Path, theirs_path: Path) -> None:
-    """Two jobs saved the same manifest name at once: keep every item of both."""
+def _union_manifest(ours_path: Path, xfer: Path, name: str) -> None:
+    """Two jobs saved the same manifest name at once: keep every item of both (theirs then
+    leaves the transfer directory, so that the merge does not overlay ours with it)."""
     from incstore.manifest import Manifest, from_bytes, now_utc
 
+    source = TransferDir(xfer)
+    try:
+        theirs_data = source.read(name, manifest.MAX_BYTES)
+    except (OSError, Refusal):
+        return
+    finally:
+        source.remove(name)
     try:
         ours = from_bytes(ours_path.read_bytes(), ours_path.name)
-        theirs = from_bytes(theirs_path.read_bytes(), theirs_path.name)
+        theirs = from_bytes(theirs_data, ours_path.name)
     except (OSError, IncstoreError):
         return
     items = {i.path: i for i in theirs.items}

@@ -21,6 +21,7 @@ from typing import Any, BinaryIO, NamedTuple, Protocol
 
 from incstore import atomicfile, faults, regularfile
 from incstore.atomicfile import AlreadyExists
+from incstore.dirfd import descend
 from incstore.errors import ChunkStoreError
 
 _NAME_RE = re.compile(r"[A-Za-z0-9._+-]+(/[A-Za-z0-9._+-]+)*")
@@ -41,7 +42,6 @@ class Reader(Protocol):
 
 
 MAX_BLOB = 1 << 30  # the largest narinfo, manifest or cache-info `read` accepts
-_DIR_NOFOLLOW = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def valid_name(name: str) -> bool:
@@ -260,19 +260,11 @@ class LocalBackend(Backend):
             self.root.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            for part in directory.split("/") if directory else ():
-                if create:
-                    with contextlib.suppress(FileExistsError):
-                        os.mkdir(part, 0o755, dir_fd=fd)
-                child = os.open(part, _DIR_NOFOLLOW, dir_fd=fd)
-                os.close(fd)
-                fd = child
-        except BaseException:
+            return descend(fd, directory.split("/") if directory else (), create=create)
+        finally:
             os.close(fd)
-            raise
-        return fd
 
-    def _dir(self, name: str) -> tuple[int, str]:
+    def blob_dir(self, name: str) -> tuple[int, str]:
         """The descriptor of a blob's directory (opened and checked once, then kept: every
         write goes through it, so a symlink planted later is never followed) and the blob's
         base name."""
@@ -309,7 +301,7 @@ class LocalBackend(Backend):
         return out, tmp
 
     def write(self, name: str, data: bytes) -> None:
-        fd, base = self._dir(name)
+        fd, base = self.blob_dir(name)
         try:
             out, tmp = self._new_temp(fd, base)
             try:
@@ -331,7 +323,7 @@ class LocalBackend(Backend):
 
     @contextlib.contextmanager
     def create(self, name: str) -> Iterator[BinaryIO]:
-        fd, base = self._dir(name)
+        fd, base = self.blob_dir(name)
         out, tmp = self._new_temp(fd, base)
         try:
             with os.fdopen(out, "wb") as f:
@@ -351,7 +343,7 @@ class LocalBackend(Backend):
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[StageFile]:
-        fd, base = self._dir(name)
+        fd, base = self.blob_dir(name)
         out, tmp = self._new_temp(fd, base)
         try:
             with os.fdopen(out, "wb") as f:
@@ -363,7 +355,7 @@ class LocalBackend(Backend):
 
     def stage_bytes(self, name: str, data: bytes) -> Staged:
         # no file object: for the thousands of small chunks and narinfos of a save
-        fd, base = self._dir(name)
+        fd, base = self.blob_dir(name)
         out, tmp = self._new_temp(fd, base)
         try:
             try:
@@ -384,12 +376,12 @@ class LocalBackend(Backend):
         if not staged:
             return []
         if not durable:
-            atomicfile.syncfs(self._dir(staged[0].name)[0])
+            atomicfile.syncfs(self.blob_dir(staged[0].name)[0])
         faults.point("atomicfile.before-rename")
         done = []
         dirs = set()
         for blob in staged:
-            fd, base = self._dir(blob.name)
+            fd, base = self.blob_dir(blob.name)
             dirs.add(fd)
             try:
                 if replace:
@@ -412,7 +404,7 @@ class LocalBackend(Backend):
         return done
 
     def discard(self, staged: Staged) -> None:
-        fd, _ = self._dir(staged.name)
+        fd, _ = self.blob_dir(staged.name)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(staged.tmp, dir_fd=fd)
 
@@ -452,7 +444,7 @@ class LocalBackend(Backend):
                         yield Entry(e.name, st.st_size, st.st_mtime)
 
     def lstat(self, name: str) -> os.stat_result | None:
-        fd, base = self._dir(name)
+        fd, base = self.blob_dir(name)
         try:
             return os.stat(base, dir_fd=fd, follow_symlinks=False)
         except OSError:
@@ -494,7 +486,7 @@ class LocalBackend(Backend):
         return True
 
     def renew(self, name: str) -> os.stat_result | None:
-        fd, base = self._dir(name)
+        fd, base = self.blob_dir(name)
         try:
             # never through a symlink planted at the name: only the blob's own times change
             os.utime(base, dir_fd=fd, follow_symlinks=False)

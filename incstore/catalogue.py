@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +54,27 @@ class CatalogueReport:
 
 
 def _iso(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+    """ISO 8601 in UTC for any time FORMAT.md allows (a signed 64-bit count of seconds), the
+    expanded year form (`+292277026596-12-04T15:30:07Z`) past 9999, where `time.gmtime`
+    stops: one manifest with a far-future `seen` must not stop the whole catalogue."""
+    days, rest = divmod(int(t), 86400)
+    year, month, day = _civil_from_days(days)
+    hour, rest = divmod(rest, 3600)
+    minute, second = divmod(rest, 60)
+    y = f"{year:04d}" if 0 <= year <= 9999 else f"{year:+05d}"
+    return f"{y}-{month:02d}-{day:02d}T{hour:02d}:{minute:02d}:{second:02d}Z"
+
+
+def _civil_from_days(days: int) -> tuple[int, int, int]:
+    """The proleptic Gregorian date `days` after 1970-01-01 (H. Hinnant's civil_from_days),
+    exact for any integer, unlike `datetime`, whose years end at 9999."""
+    era, doe = divmod(days + 719468, 146097)
+    yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    mp = (5 * doy + 2) // 153
+    day = doy - (153 * mp + 2) // 5 + 1
+    month = mp + 3 if mp < 10 else mp - 9
+    return yoe + era * 400 + (month <= 2), month, day
 
 
 def _sqlite_utils() -> Any:

@@ -101,15 +101,21 @@ class NarInfo:
             raise ChunkStoreError(f"narinfo is malformed: {e}", item=key) from e
 
 
-def describes(text: str, path: str, nar_hash: str, nar_size: int,
-              references: tuple[str, ...]) -> bool:
-    """Whether a narinfo's signed fields (those before any `Signature:`) say exactly this of
-    an item: its path, NAR hash (`sha256:<hex>` as the DB has it), NAR size and references."""
+def signed_fields(text: str) -> dict[str, str]:
+    """A Guix narinfo's signed fields (those before any `Signature:`), first value of each."""
     fields: dict[str, str] = {}
     for line in text.split("Signature:", 1)[0].splitlines():
         name, sep, value = line.partition(": ")
         if sep:
             fields.setdefault(name, value)
+    return fields
+
+
+def describes(text: str, path: str, nar_hash: str, nar_size: int,
+              references: tuple[str, ...]) -> bool:
+    """Whether a narinfo's signed fields say exactly this of an item: its path, NAR hash
+    (`sha256:<hex>` as the DB has it), NAR size and references."""
+    fields = signed_fields(text)
     digest = "sha256:" + nix32_encode(bytes.fromhex(nar_hash.removeprefix("sha256:")))
     return (fields.get("StorePath") == path and fields.get("NarHash") == digest
             and fields.get("NarSize") == str(nar_size)

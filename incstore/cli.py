@@ -195,6 +195,8 @@ def save(db_path: Path, prefix: Path, cache: str | None, manifest_path: Path | N
     doc = result.to_json()
     where = " and ".join(w for w in (str(manifest_path) if manifest_path else "",
                                      f"manifests/{name}.json" if name else "") if w)
+    if result.not_written is not None:
+        where = f"{where} not written: {result.not_written}"
     _emit(as_json, doc, f"saved {doc['items']} item(s): {doc['written']} new chunk(s) "
                         f"({doc['chunk_bytes_written']} bytes), {doc['reused']} already stored; "
                         f"manifest {where}")
@@ -461,11 +463,14 @@ def diff_cmd(cache: str | None, a: str, b: str, as_json: bool) -> None:
               "instead of a Nix one; NAME is then ignored.")
 def keygen(name: str, secret_file: Path, public_file: Path, guix_format: bool) -> None:
     """Write a signing key pair: Nix's format (NAME:base64, as nix-store
-    --generate-binary-cache-key writes it) unless --guix. The secret file is mode 0600."""
+    --generate-binary-cache-key writes it) unless --guix; the files get the modes that tool
+    gives them (Nix: secret 0600, public 0644; Guix: secret 0400, public 0444)."""
     from incstore import signature
 
     signature.write_key_pair(name, secret_file, public_file, guix=guix_format)
-    click.echo(f"wrote {secret_file} (secret, mode 0600) and {public_file}", err=True)
+    secret_mode, public_mode = signature.KEY_MODES["guix" if guix_format else "nix"]
+    click.echo(f"wrote {secret_file} (secret, mode {secret_mode:04o}) and {public_file} "
+               f"(public, mode {public_mode:04o})", err=True)
 
 
 @cli.command()

@@ -7,9 +7,12 @@ across items take their space once (what the Guix daemon does after every import
 The entries already in `.links` are hostile input like everything else in the target store: an
 entry is only linked to after it is found to be what its name says (a regular file of the right
 size, mode, owner and mtime whose content hashes to the name; for Nix, a symlink with the same
-target). The check runs on the link made into the item's own temporary tree, so the inode that
-was checked is the one that stays. An entry that fails is left alone and reported; the file
-keeps its own copy.
+target) and to carry exactly the metadata the daemon gives a file: the extended attributes
+(file capabilities, ACLs, anything else) and inode flags of the file just extracted, no more.
+A hard link shares the inode, so an entry's `security.capability` would otherwise reach the
+restored binary. The check runs on the link made into the item's own temporary tree, so the
+inode that was checked is the one that stays. An entry that fails is left alone and
+reported; the file keeps its own copy.
 
 Linking is a saving, never a condition: whatever goes wrong (no hard links on the file system, a
 full directory, an entry with too many links) leaves the file as extracted.
@@ -19,9 +22,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import os
 import stat
+import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +40,10 @@ GUIX_MIN_SIZE = 8192  # the daemon's deduplicationMinSize; its gc drops smaller 
 _READ_BLOCK = 1 << 20
 # errors that say the file system will not take hard links here at all
 _UNSUPPORTED = {errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EROFS, errno.EOPNOTSUPP}
+_FS_IOC_GETFLAGS = 0x80086601  # _IOR('f', 1, long); the kernel reads and writes an int
+# FS_FL_USER_VISIBLE: the flags chattr shows; the rest (extents, inline data) say how the
+# file system stores the inode, not what a process may do with it
+_USER_VISIBLE_FLAGS = 0x0003DFFF
 
 
 @dataclass(frozen=True)
@@ -106,7 +115,8 @@ class Links:
                 if not (stat.S_ISREG(st.st_mode) and st.st_size == size
                         and stat.S_IMODE(st.st_mode) == want_mode
                         and (st.st_uid, st.st_gid) == (mine.st_uid, mine.st_gid)
-                        and st.st_mtime_ns == mine.st_mtime_ns):
+                        and st.st_mtime_ns == mine.st_mtime_ns
+                        and inode_extras(fd) == inode_extras(_fd_path(parent, name))):
                     return False
                 return file_nar_digest(fd, size, executable) == digest
             finally:
@@ -123,7 +133,9 @@ class Links:
             # a symlink's target cannot change in place: reading it once settles it
             return (stat.S_ISLNK(st.st_mode) and (st.st_uid, st.st_gid) ==
                     (mine.st_uid, mine.st_gid) and st.st_mtime_ns == mine.st_mtime_ns
-                    and os.readlink(tmp, dir_fd=parent) == target)
+                    and os.readlink(tmp, dir_fd=parent) == target
+                    and inode_extras(_fd_path(parent, tmp)) ==
+                    inode_extras(_fd_path(parent, name)))
 
         self._link(parent, name, digest, 0, stat.S_IFLNK, holds_it)
 
@@ -223,6 +235,49 @@ def _open_links_dir(store_fd: int) -> int | None:
                        dir_fd=store_fd)
     except OSError:
         return None
+
+
+def _fd_path(parent: int, name: bytes) -> bytes:
+    """A path naming `name` in the directory open at `parent` (for the xattr calls, which take
+    no directory descriptor); its last component is never followed by `inode_extras`."""
+    return b"/proc/self/fd/%d/%s" % (parent, name)
+
+
+def inode_extras(target: int | bytes) -> tuple[tuple[tuple[str, bytes], ...], int]:
+    """What an inode carries beyond mode, owner and times: its extended attributes (names
+    and values: capabilities, ACLs, labels) and its user-visible inode flags (immutable,
+    append-only, ...). `target` is a descriptor, or a path whose last component is not
+    followed. A file system without xattrs or flags has none of either."""
+    def xattrs() -> tuple[tuple[str, bytes], ...]:
+        try:
+            names = (os.listxattr(target) if isinstance(target, int)
+                     else os.listxattr(target, follow_symlinks=False))
+            return tuple(sorted(
+                (n, os.getxattr(target, n) if isinstance(target, int)
+                 else os.getxattr(target, n, follow_symlinks=False)) for n in names))
+        except OSError as e:
+            if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                return ()
+            raise
+
+    flags = 0
+    if isinstance(target, int):
+        try:
+            raw = fcntl.ioctl(target, _FS_IOC_GETFLAGS, bytes(8))
+            flags = struct.unpack_from("=i", raw)[0] & _USER_VISIBLE_FLAGS
+        except OSError as e:
+            if e.errno not in (errno.ENOTTY, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+    else:
+        # a symlink cannot be opened to ask (and chattr refuses symlinks): a path's flags
+        # come from a descriptor that does not follow it, where it is a file
+        with contextlib.suppress(OSError):
+            fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                flags = inode_extras(fd)[1]
+            finally:
+                os.close(fd)
+    return xattrs(), flags
 
 
 def file_nar_digest(fd: int, size: int, executable: bool) -> bytes:

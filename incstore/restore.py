@@ -24,6 +24,7 @@ final store name:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from array import array
@@ -49,7 +50,7 @@ from incstore.locks import HeldLock, ensure_open_files, take
 from incstore.manifest import ChunkRef, Manifest
 from incstore.pool import map_by_size
 from incstore.store import Store
-from incstore.storedir import ItemLock, StoreDir, is_plain
+from incstore.storedir import TEMP_PREFIX, ItemLock, StoreDir, is_plain
 from incstore.trust import Policy, Roots, Verdict, judge
 
 Progress = Callable[[str, str], None]
@@ -496,9 +497,13 @@ def execute_restore(plan: RestorePlan, *, jobs: int = 2, progress: Progress | No
                     ) -> RestoreResult:
     run = _Run(plan, jobs, progress)
     if not plan.to_extract and plan.db_mode != "out":
-        # everything is present: nothing to lock, sweep or write (housekeeping waits for a
-        # run that has work to do)
-        return RestoreResult(plan, [], [], [], [], "none")
+        # everything is present: nothing to lock or write, but what killed runs left goes
+        return RestoreResult(plan, [], [], [], _sweep_only(plan), "none")
+    todo = _workable(run)
+    if not todo and plan.db_mode != "out":
+        # all refused (or lacking what the target must provide): the target stays exactly
+        # as it was, not even a store directory or DB made
+        return RestoreResult(plan, [], [], run.failed, [], "none")
     store = plan.store
     chunks = ChunkStore(plan.cache)
     if _read_only(store.store_root):
@@ -519,7 +524,7 @@ def execute_restore(plan: RestorePlan, *, jobs: int = 2, progress: Progress | No
                 linker = links.Links(sd.fd, links.RULES[run.flavour.name]) \
                     if plan.deduplicate else None
                 try:
-                    _extract_all(run, chunks, sd, owner, linker)
+                    _extract_all(run, chunks, sd, todo, owner, linker)
                 finally:
                     if linker is not None:
                         linker.close()
@@ -537,6 +542,21 @@ def execute_restore(plan: RestorePlan, *, jobs: int = 2, progress: Progress | No
                          run.linked_files, run.linked_bytes)
 
 
+def _sweep_only(plan: RestorePlan) -> list[str]:
+    """The sweep of a restore with nothing to extract: the temporary trees and DB copies of
+    runs that died, found by one listing of the store directory. A store this run could not
+    write (read-only, another user's) is left to a run that can."""
+    root = plan.store.store_root
+    if not root.is_dir() or _read_only(root) or not os.access(root, os.W_OK):
+        return []
+    with contextlib.suppress(OSError):
+        atomicfile.sweep(plan.db_path.parent)
+    with StoreDir(root) as sd:
+        if not any(name.startswith(TEMP_PREFIX) for name in sd.names()):
+            return []
+        return sd.sweep_temps()[0]
+
+
 def _report_links(run: _Run, linker: links.Links) -> None:
     run.linked_files, run.linked_bytes = linker.linked, linker.saved_bytes
     rejected = sorted(set(linker.rejected))
@@ -549,8 +569,9 @@ def _report_links(run: _Run, linker: links.Links) -> None:
         run.warnings.append(f"stopped deduplicating: {linker.disabled}")
 
 
-def _extract_all(run: _Run, chunks: ChunkStore, sd: StoreDir,
-                 owner: tuple[int, int] | None, linker: links.Links | None = None) -> None:
+def _workable(run: _Run) -> list[int]:
+    """The items to extract, largest first, less those refused by the trust policy or
+    referencing an external the target lacks (each recorded as failed)."""
     plan, manifest = run.plan, run.manifest
     missing = set(plan.missing_external)
     for error in plan.trust.errors(manifest):
@@ -565,6 +586,12 @@ def _extract_all(run: _Run, chunks: ChunkStore, sd: StoreDir,
                                 "target store, but it is not valid there", item=manifest.paths[n]))
         else:
             todo.append(n)
+    return todo
+
+
+def _extract_all(run: _Run, chunks: ChunkStore, sd: StoreDir, todo: list[int],
+                 owner: tuple[int, int] | None, linker: links.Links | None = None) -> None:
+    manifest = run.manifest
 
     def one(n: int) -> _Extraction:
         outcome = extract_item(chunks, sd, manifest, n, run.temp(n), owner, linker)
@@ -695,11 +722,13 @@ def _became_valid(run: _Run, conn: Any, n: int, sd: StoreDir) -> bool:
 
 def _info(run: _Run, n: int) -> db.PathInfo:
     """The DB row to register for item `n`. When the items were vouched for one by one (the
-    manifest is not trusted), only what their signatures cover is taken from the manifest."""
+    manifest is not trusted), only what their signatures cover is taken from the manifest (or
+    from the signed narinfo: its deriver)."""
     info = run.manifest.item(n).info
     if not run.plan.trust.per_item:
         return info
-    return replace(info, deriver=None, registration_time=int(time.time()),
+    return replace(info, deriver=run.plan.trust.derivers.get(n),
+                   registration_time=int(time.time()),
                    derivation_outputs=(), ultimate=None, ca=None)
 
 

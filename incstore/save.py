@@ -147,6 +147,12 @@ def plan_save(
     for other in exclude_dbs:
         excluded |= set(db.valid_paths(other, flavour))
     infos = tuple(snapshot.infos[p] for p in paths if p not in excluded)
+    target = Store(prefix, flavour)
+    if infos and not target.store_root.is_dir():
+        # one line for the likely mistake (a forgotten --prefix), not one error per item
+        raise StoreError(f"is not a directory, but the DB lists {len(infos)} valid paths in "
+                         f"{flavour.store_dir} (is --prefix {prefix} the store's root?)",
+                         item=str(target.store_root))
     store = ChunkStore(cache)
     if store.exists():
         store.check_store_dir(flavour.store_dir)
@@ -190,7 +196,7 @@ def plan_save(
     kept = {i.path for i in infos} | {i.path for i in carried}
     external = tuple(sorted({r for i in infos for r in i.references if r not in kept}
                             | {r for i in carried for r in i.info.references if r not in kept}))
-    return SavePlan(flavour, Store(prefix, flavour), cache, infos, keys, reused, external,
+    return SavePlan(flavour, target, cache, infos, keys, reused, external,
                     tuple(carried), previous)
 
 
@@ -463,6 +469,7 @@ class SaveResult:
     reused: list[str]
     failed: list[IncstoreError]
     bytes_written: int
+    not_written: str | None = None  # why the manifest was not written, when it was not
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -471,6 +478,8 @@ class SaveResult:
             "reused": len(self.reused),
             "failed": [str(e) for e in self.failed],
             "chunk_bytes_written": self.bytes_written,
+            "manifest_written": self.not_written is None,
+            "manifest_not_written": self.not_written,
         }
 
     def error(self) -> IncstoreError | None:
@@ -780,6 +789,10 @@ def _save(plan: SavePlan, chunks: ChunkStore, manifest_path: Path | None, name: 
                                    external=plan.external)
     if signer is not None:
         from incstore import trust
+    not_written = _why_not_written(plan.previous, manifest, failed_paths)
+    if not_written is not None:
+        return SaveResult(manifest, written, sorted(reused), failed,
+                          sum(refs[p].size for p in written), not_written)
     if manifest_path is not None:
         manifest.write(manifest_path)
         if signer is not None:
@@ -791,6 +804,24 @@ def _save(plan: SavePlan, chunks: ChunkStore, manifest_path: Path | None, name: 
             chunks.write_manifest_sig(name, trust.sign_manifest(signer.key, data))
     return SaveResult(manifest, written, sorted(reused), failed,
                       sum(refs[p].size for p in written))
+
+
+def _why_not_written(previous: Manifest | None, manifest: Manifest, failed: set[str]
+                     ) -> str | None:
+    """A save that failed for some items keeps the manifest it would replace when its own
+    would hold less (the chunks it wrote stay, for the next save to name): a broken save
+    must not make the cache forget what the last good one recorded."""
+    if not failed:
+        return None
+    if not len(manifest):
+        return f"every item failed ({len(failed)}); nothing to record"
+    if previous is None:
+        return None
+    lost = len(set(previous.paths) - set(manifest.paths))
+    if lost:
+        return (f"the save failed for {len(failed)} item(s) and its manifest would drop "
+                f"{lost} item(s) the previous one holds; the previous manifest is kept")
+    return None
 
 
 def _seen(previous: Manifest | None, info: db.PathInfo, now: int) -> int:

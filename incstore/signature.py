@@ -138,17 +138,24 @@ def generate_guix_key() -> tuple[str, str]:
 # --- key parsing ------------------------------------------------------------------------------
 
 
+# (secret, public) modes: `nix-store --generate-binary-cache-key` writes 0600 and 0644 (at the
+# usual umask); `guix archive --generate-key` writes both under umask 0266 and then makes the
+# public key 0444
+KEY_MODES = {"nix": (0o600, 0o644), "guix": (0o400, 0o444)}
+
+
 def write_key_pair(name: str, secret_file: str | os.PathLike[str],
                    public_file: str | os.PathLike[str], *, guix: bool = False) -> PublicKey:
-    """Generate a key pair and write it: the secret file mode 0600 (Nix) or 0400 (Guix, as
-    `guix archive --generate-key` does), never over an existing file."""
+    """Generate a key pair and write it with the modes its own tool gives it (KEY_MODES),
+    never over an existing file."""
     from pathlib import Path
 
     from incstore.atomicfile import AlreadyExists, atomic_writer
 
     secret_text, public_text = generate_guix_key() if guix else generate_nix_key(name)
-    for path, text, mode in ((Path(secret_file), secret_text, 0o400 if guix else 0o600),
-                             (Path(public_file), public_text, 0o644)):
+    secret_mode, public_mode = KEY_MODES["guix" if guix else "nix"]
+    for path, text, mode in ((Path(secret_file), secret_text, secret_mode),
+                             (Path(public_file), public_text, public_mode)):
         try:
             with atomic_writer(path, mode, create_only=True) as f:
                 f.write(text.encode())

@@ -34,15 +34,15 @@ import json
 import os
 import re
 import shutil
-import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from incstore import atomicfile
-from incstore.backend import valid_name
+from incstore.backend import LocalBackend, valid_name
 from incstore.errors import ChunkStoreError
+from incstore.xferdir import Refusal, TransferDir
 
 FORMAT = "incstore-cache-entry"
 VERSION = 1
@@ -181,62 +181,71 @@ class Entry:
         return entry
 
 
-def entries_in(xfer: Path) -> list[Entry]:
+def read_entries(xfer: Path) -> tuple[list[Entry], list[str]]:
     """The records of the entries restored into the transfer directory, in order (base,
-    then slots); unreadable records are left out (their files are then not trusted to
-    overlay anything)."""
+    then slots), and the problems of those refused: a record that is not a bounded regular
+    file under its key's name, or does not parse, is left out (its files are then not
+    trusted to overlay anything)."""
+    raw, problems = TransferDir(xfer).records(ENTRY_DIR)
     found = []
-    with contextlib.suppress(FileNotFoundError):
-        for p in (xfer / ENTRY_DIR).iterdir():
-            with contextlib.suppress(ChunkStoreError, OSError):
-                found.append(Entry.parse(p.read_bytes()))
-    return sorted(found, key=lambda e: (e.generation, e.kind != "base", e.slot))
+    for key, data in raw.items():
+        try:
+            entry = Entry.parse(data)
+        except ChunkStoreError as e:
+            problems.append(f"{ENTRY_DIR}/{key}.json: {e}")
+            continue
+        if entry.key != key:
+            problems.append(f"{ENTRY_DIR}/{key}.json: records the key {entry.key!r}")
+            continue
+        found.append(entry)
+    return sorted(found, key=lambda e: (e.generation, e.kind != "base", e.slot)), problems
 
 
-def _place(src: Path, dst: Path) -> None:
-    """Move a file into the chunk store atomically (rename, or copy across file systems)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(src, dst)
-    except OSError:
-        tmp = atomicfile.temp_path_for(dst)
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-        src.unlink()
+def entries_in(xfer: Path) -> list[Entry]:
+    return read_entries(xfer)[0]
 
 
-def merge(xfer: Path, root: Path, *, generation: int | None = None) -> list[Entry]:
+@dataclass
+class Merged:
+    """What `merge` applied, and what it refused (each refusal a warning: a cache miss)."""
+
+    entries: list[Entry]
+    problems: list[str]
+
+
+def merge(xfer: Path, root: Path, *, generation: int | None = None) -> Merged:
     """Apply the entries restored into `xfer` to the chunk store at `root`: each entry's
     files overlay, its deletions apply, in entry order (only entries of `generation`, when
-    given). The transfer directory is emptied. Returns the entries applied."""
-    entries = [e for e in entries_in(xfer) if generation is None or e.generation == generation]
+    given). Only regular files inside the transfer directory move (see `xferdir`). The
+    transfer directory is emptied."""
+    found, problems = read_entries(xfer)
+    entries = [e for e in found if generation is None or e.generation == generation]
     present: dict[str, bool] = {}
     for entry in entries:
         present.update({n: False for n in entry.deleted})
         present.update({n: True for n in entry.files})
-    root.mkdir(parents=True, exist_ok=True)
-    for name, keep in sorted(present.items()):
-        src, dst = xfer / name, root / name
-        if keep:
-            with contextlib.suppress(FileNotFoundError):
-                st = src.lstat()
-                if stat.S_ISREG(st.st_mode):
-                    _place(src, dst)
-        else:
-            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
-                dst.unlink()
+    source = TransferDir(xfer)
+    chunks = LocalBackend(root)
+    try:
+        for name, keep in sorted(present.items()):
+            try:
+                if keep:
+                    source.move_into(name, chunks)
+                else:
+                    chunks.delete(name)
+            except (Refusal, ChunkStoreError) as e:
+                problems.append(str(e))
+            except OSError as e:
+                problems.append(f"{name}: {e.strerror or e}")
+    finally:
+        chunks.close()
     clear(xfer)
-    return entries
+    return Merged(entries, problems)
 
 
 def clear(xfer: Path) -> None:
     """Empty the transfer directory (keeping the directory itself, owned by its user)."""
-    xfer.mkdir(parents=True, exist_ok=True)
-    for child in xfer.iterdir():
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child)
-        else:
-            child.unlink()
+    TransferDir(xfer).clear()
 
 
 def stage(root: Path, xfer: Path, entry: Entry) -> int:
@@ -275,10 +284,7 @@ def mirror(root: Path, dest: Path) -> None:
 
 def owns(xfer: Path, key: str, nonce: str) -> bool:
     """Whether the entry restored into `xfer` under `key` is the one with our nonce."""
-    try:
-        return Entry.parse((xfer / ENTRY_DIR / f"{key}.json").read_bytes()).nonce == nonce
-    except (OSError, ChunkStoreError):
-        return False
+    return any(e.key == key and e.nonce == nonce for e in entries_in(xfer))
 
 
 def give_to(xfer: Path, uid: int, gid: int) -> None:

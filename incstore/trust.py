@@ -31,9 +31,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from incstore import regularfile
-from incstore.chunkstore import ChunkStore, describes
-from incstore.errors import IncstoreError, KeyFileError, SignatureError
+from incstore.chunkstore import ChunkStore, describes, signed_fields
+from incstore.errors import IncstoreError, KeyFileError, ManifestError, SignatureError
 from incstore.manifest import Manifest
+from incstore.storepath import StorePath
 
 if TYPE_CHECKING:  # the signature module (and its curve tables) loads only when trust is used
     from incstore.signature import PublicKey, SecretKey
@@ -155,9 +156,13 @@ def _nix_sigs_verify(sigs: Iterable[str], fingerprint: bytes, keys: Sequence[Pub
     return any(signature.nix_verify(s, fingerprint, keys) for s in sigs)
 
 
-def item_vouched(manifest: Manifest, n: int, chunks: ChunkStore, roots: Roots) -> str | None:
-    """None if item `n` carries a signature by a trusted key over its path, NAR hash and
-    size and references; else why not."""
+def item_vouched(manifest: Manifest, n: int, chunks: ChunkStore, roots: Roots
+                 ) -> tuple[str | None, str | None]:
+    """(None, deriver) if item `n` carries a signature by a trusted key over its path, NAR
+    hash and size and references; else (why not, None). The deriver is the one a trusted
+    Guix narinfo signature covers (it signs every field before it, `Deriver:` included, and
+    the daemon registers that deriver when it substitutes the same narinfo); a Nix
+    signature's fingerprint does not cover one."""
     from incstore import signature
 
     path = manifest.paths[n]
@@ -167,7 +172,7 @@ def item_vouched(manifest: Manifest, n: int, chunks: ChunkStore, roots: Roots) -
     fingerprint = signature.nix_fingerprint(path, manifest.nar_hash(n), manifest.nar_size(n),
                                             manifest.references(n))
     if nix_keys and _nix_sigs_verify(item.sigs, fingerprint, nix_keys):
-        return None
+        return None, None
     key = manifest.chunk_key(n)
     texts = []
     for name in (chunks.narinfo_name(key),
@@ -179,12 +184,23 @@ def item_vouched(manifest: Manifest, n: int, chunks: ChunkStore, roots: Roots) -
     for text in texts:
         sigs = [line[5:] for line in text.splitlines() if line.startswith("Sig: ")]
         if nix_keys and _nix_sigs_verify(sigs, fingerprint, nix_keys):
-            return None
+            return None, None
         if guix_keys and signature.guix_verify_narinfo(text, guix_keys) is not None and \
                 describes(text, path, manifest.nar_hash(n), manifest.nar_size(n),
                           manifest.references(n)):
-            return None
-    return "no signature by a trusted key covers it"
+            return None, _signed_deriver(text, manifest.store_dir)
+    return "no signature by a trusted key covers it", None
+
+
+def _signed_deriver(text: str, store_dir: str) -> str | None:
+    """The `Deriver:` of a signed Guix narinfo (a base name) as a store path, if it is a
+    valid derivation name."""
+    try:
+        deriver = StorePath.parse(f"{store_dir}/{signed_fields(text).get('Deriver', '')}",
+                                  store_dir)
+    except ManifestError:
+        return None
+    return str(deriver) if deriver.is_derivation else None
 
 
 @dataclass(frozen=True)
@@ -205,6 +221,8 @@ class Verdict:
     signer: str | None = None  # key that signed the manifest, if one did and it is trusted
     problem: str | None = None  # why the manifest is not trusted
     refused: dict[int, str] = field(default_factory=dict)  # item index -> reason
+    # item index -> the deriver a trusted signature covers (items vouched for one by one)
+    derivers: dict[int, str] = field(default_factory=dict)
 
     @property
     def per_item(self) -> bool:
@@ -245,9 +263,11 @@ def judge(policy: Policy, manifest: Manifest, data: bytes, sig: bytes | None,
         raise SignatureError(f"manifest not trusted: {verdict.problem}",
                              item=manifest.name or "manifest")
     for n in indices:
-        why = item_vouched(manifest, n, chunks, policy.roots)
+        why, deriver = item_vouched(manifest, n, chunks, policy.roots)
         if why is not None:
             verdict.refused[n] = why
+        elif deriver is not None:
+            verdict.derivers[n] = deriver
     return verdict
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
-from .conftest import ROOT
+from .conftest import ROOT, needs
 from .ghfakes import ISOLATED, PYTHON, VENV, guix_install_action, install_fakes, make_mirror
 from .ghrunner import Event, GitHub, JobResult, Machine
 from .ghrunner.runner import IMAGE_ENV
@@ -31,9 +31,8 @@ ACTIONS = ROOT / ".github" / "actions"
 WORKFLOWS = ROOT / ".github" / "workflows"
 EXAMPLE = WORKFLOWS / "guix-example.yml"
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("sudo")
-                                or not Path(PYTHON).exists(),
-                                reason="the runner emulator needs root, sudo and /usr/bin/python3")
+pytestmark = needs(os.geteuid() == 0 and shutil.which("sudo") and Path(PYTHON).exists(),
+                   "the runner emulator needs root, sudo and /usr/bin/python3")
 
 
 def _deps() -> list[str]:

@@ -188,3 +188,29 @@ def test_no_other_command_imports_sqlite_utils(catalogued: tuple[SampleStore, Pa
                            check=False)
         assert p.returncode == 0, p.stderr
         assert p.stdout.split()[-2] == "False", args
+
+
+def test_a_far_future_seen_time_is_catalogued_not_fatal(tmp_path: Path) -> None:
+    """FORMAT.md allows any signed 64-bit `seen`; one such manifest once made the whole
+    catalogue exit 11."""
+    from . import manifests
+
+    src = make_sample(tmp_path / "src", items=5, seed=5)
+    cache = tmp_path / "cache"
+    for name in ("far", "plain"):
+        r = run("save", "--db", src.db_path, "--prefix", src.prefix, "--cache", cache,
+                "--name", name)
+        assert r.code == 0, r.err
+    path = cache / "manifests" / "far.json"
+    doc = manifests.load(path)
+    doc["items"][0]["seen"] = 2**63 - 1
+    doc["items"][1]["seen"] = 0
+    manifests.dump(path, doc)
+    out = tmp_path / "catalogue.db"
+    r = run("catalogue", "--cache", cache, out, "--json")
+    assert r.code == 0, r.err
+    assert r.json()["manifests"] == 2
+    seen = dict(sqlite3.connect(out).execute(
+        "select path, seen from manifest_items where manifest = 'far'"))
+    assert seen[doc["items"][0]["path"]] == "+292277026596-12-04T15:30:07Z"
+    assert seen[doc["items"][1]["path"]] == "1970-01-01T00:00:00Z"

@@ -26,6 +26,7 @@ from incstore.errors import (
     ManifestError,
     NarFormatError,
     PartialFailureError,
+    StoreError,
     StoreHashMismatchError,
 )
 from incstore.store import Store
@@ -295,6 +296,43 @@ def test_save_refuses_an_item_whose_contents_changed(
     assert victim not in saved_paths
     for item in doc["items"]:
         assert set(item["references"]) <= saved_paths
+
+
+def test_a_failed_save_keeps_the_named_manifest_it_would_shrink(
+        tmp_path: Path, guix_store: SampleStore) -> None:
+    cache = tmp_path / "c"
+    args = ("save", "--db", guix_store.db_path, "--prefix", guix_store.prefix, "--cache", cache,
+            "--name", "w", "--json")
+    assert run(*args).code == 0
+    before = (cache / "manifests" / "w.json").read_bytes()
+    snapshot = db.read_snapshot(guix_store.db_path)
+    refs = {r for i in snapshot.infos.values() for r in i.references if r != i.path}
+    victim = next(p for p in sorted(refs) if Store(guix_store.prefix, db.GUIX).physical(p).is_dir())
+    changed = Store(guix_store.prefix, db.GUIX).physical(victim) / "share" / "refs"
+    changed.chmod(0o644)
+    changed.write_bytes(changed.read_bytes() + b"tampered")
+    # its chunk gone from the chunk store, the save must read the damaged item, and fails
+    key = victim.split("/")[-1][:32]
+    (cache / "nar" / f"{key}.nar.zst").unlink()
+    (cache / f"{key}.narinfo").unlink()
+    r = run(*args)
+    assert r.code == StoreHashMismatchError.exit_code, r.err
+    assert r.json()["manifest_written"] is False
+    assert "previous manifest is kept" in r.json()["manifest_not_written"]
+    assert (cache / "manifests" / "w.json").read_bytes() == before
+
+
+def test_a_save_without_its_store_directory_is_one_line(tmp_path: Path,
+                                                         guix_store: SampleStore) -> None:
+    """--prefix forgotten: the DB names /gnu/store paths that are not here. One line naming
+    the directory and --prefix, not one per item, and no manifest written."""
+    cache = tmp_path / "c"
+    r = run("save", "--db", guix_store.db_path, "--cache", cache, "--name", "w",
+            "--prefix", tmp_path / "nowhere")
+    assert r.code == StoreError.exit_code, r.err
+    assert len(r.err.strip().splitlines()) == 1, r.err
+    assert str(tmp_path / "nowhere" / "gnu" / "store") in r.err and "--prefix" in r.err
+    assert not (cache / "manifests" / "w.json").exists()
 
 
 @pytest.fixture

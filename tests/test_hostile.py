@@ -1461,3 +1461,22 @@ def test_s3_raw_listing_is_signed_as_botocore_signs() -> None:
             mine = _sign("GET", url, query, region="eu-west-3", access_key="AKID",
                          secret_key="SECRET", token=token, now=when)
             assert mine["authorization"] == request.headers["Authorization"]
+
+
+def test_a_restore_with_nothing_to_do_still_sweeps_dead_runs(world: World) -> None:
+    """Killed restores leave temporary trees; the next restore removes them even when every
+    item is present already (it used to sweep only when it extracted something)."""
+    assert world.restore().code == 0
+    child = subprocess.Popen(["true"])
+    child.wait()
+    stale = world.store / f".incstore-tmp-{child.pid}-0-{'a' * 32}"
+    (stale / "sub").mkdir(parents=True)
+    (stale / "sub" / "f").write_text("x")
+    for d in (stale / "sub", stale):
+        d.chmod(0o555)
+    db_copy = world.db_path.parent / f".tmp-incstore-{child.pid}-0-db.sqlite"
+    db_copy.write_bytes(b"half a DB")
+    r = world.restore("--json")
+    assert r.code == 0, r.err
+    assert not stale.exists() and not db_copy.exists()
+    assert set(world.consistent()) == set(world.paths)

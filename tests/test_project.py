@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from incstore.errors import EXIT_CODES
 
-from .conftest import ROOT
+from .conftest import ROOT, needs
 
 
 def test_readme_exit_code_table_matches_the_code() -> None:
@@ -43,10 +41,10 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert command in (ROOT / ".ci" / "run").read_text().splitlines()
 
 
-@pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff not installed")
+@needs(importlib.util.find_spec("ruff"), "ruff not installed (the test extra)")
 def test_ruff_is_clean() -> None:
-    proc = subprocess.run(["ruff", "check", "incstore", "tests", "bench"], cwd=ROOT,
-                          capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "ruff", "check", "incstore", "tests", "bench"],
+                          cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
 
 
@@ -59,8 +57,8 @@ def test_cli_defaults_match_the_library() -> None:
     assert Path(cli.DEFAULT_GUIX_ACL) == trust.DEFAULT_GUIX_ACL
 
 
+@needs(importlib.util.find_spec("mypy"), "mypy not installed (the test extra)")
 def test_mypy_is_clean() -> None:
-    pytest.importorskip("mypy")
     proc = subprocess.run([sys.executable, "-m", "mypy"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
 

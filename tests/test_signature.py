@@ -49,7 +49,7 @@ from incstore.signature import (
     verify_bytes,
 )
 
-from .conftest import needs_nix
+from .conftest import IN_CI, needs, needs_nix
 
 CI_GUIX_Q = "8D156F295D24B0D9A86FA5741A840FF2D24F60F7B6C4134814AD55625971B394"
 CI_GUIX_KEY = f"(public-key (ecc (curve Ed25519) (q #{CI_GUIX_Q}#)))"
@@ -589,6 +589,8 @@ def gcrypt() -> Iterator[Gcrypt]:
     try:
         lib = Gcrypt()
     except OSError:
+        if IN_CI:
+            pytest.fail("libgcrypt is not installed: .ci/run must install it")
         pytest.skip("libgcrypt is not installed")
     yield lib
     lib.release()
@@ -846,7 +848,7 @@ def test_a_cached_narinfo_still_verifies(ci_guix: GuixPublicKey) -> None:
     assert guix_verify_narinfo(text, [ci_guix]) == ci_guix
 
 
-@pytest.mark.skipif(shutil.which("guile") is None, reason="guile not installed")
+@needs(shutil.which("guile"), "guile not installed")
 @pytest.mark.parametrize("locale", ["C.UTF-8", "C"])
 def test_entries_written_by_guile_read_back(tmp_path: Path, locale: str) -> None:
     """Guile's own writer, used the way cache-narinfo! uses it, in both kinds of locale."""

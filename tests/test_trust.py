@@ -77,8 +77,12 @@ def test_keygen_writes_a_private_nix_key_pair_and_refuses_to_overwrite(tmp_path:
     assert pub.read_text().startswith("ci-1:") and len(sec.read_text().split(":")[1]) == 88
     assert run("keygen", "ci-1", sec, tmp_path / "other.pub").code == KeyFileError.exit_code
     gsec, gpub = keypair(tmp_path, "g", guix=True)
-    assert gsec.stat().st_mode & 0o777 == 0o400
     assert gpub.read_text().startswith("(public-key")
+    # the modes each project's own key generator gives its files, and what keygen says
+    assert {p.name: p.stat().st_mode & 0o777 for p in (sec, pub, gsec, gpub)} == {
+        sec.name: 0o600, pub.name: 0o644, gsec.name: 0o400, gpub.name: 0o444}
+    said = run("keygen", "--guix", "x", tmp_path / "s2", tmp_path / "p2").err
+    assert "mode 0400" in said and "mode 0444" in said and "0600" not in said
 
 
 def test_save_refuses_a_secret_key_others_can_read(tmp_path: Path) -> None:
@@ -121,6 +125,8 @@ def _refused_and_untouched(r, dst: Path, before: list[str]) -> None:  # type: ig
     assert "Traceback" not in r.err
     assert store_entries(dst) == before
     assert not registered(dst)
+    if not before:  # the target exactly as it was: no store directory, no DB, no big-lock
+        assert not dst.exists() or sorted(str(p.relative_to(dst)) for p in dst.rglob("*")) == []
 
 
 def test_a_manifest_and_items_signed_by_another_key_are_refused(
@@ -266,7 +272,8 @@ def _guix_store_with_substitute_cache(tmp_path: Path) -> tuple[SampleStore, Path
         text = (f"StorePath: {info.path}\nURL: nar/zstd/{info.path[11:]}\nCompression: zstd\n"
                 f"NarHash: {digest}\nNarSize: {size}\n"
                 f"References: {' '.join(sorted(r[11:] for r in info.references))}\n"
-                f"FileSize: 1\nSystem: x86_64-linux\n")
+                f"FileSize: 1\nSystem: x86_64-linux\n"
+                + (f"Deriver: {info.deriver[11:]}\n" if info.deriver else ""))
         entry = (f'(narinfo (version 2) (cache-uri "{url}") (date 1) (ttl 1) '
                  f"(value {_scheme_string(guix_sign_narinfo(secret, text))}))")  # long expired
         (where / info.path[11:43]).write_text(entry)
@@ -293,7 +300,13 @@ def test_guix_upstream_narinfos_are_harvested_checked_and_vouch_for_items(
     refused = {line.split(": ")[0] for line in r.json()["failed"]}
     liar_and_referrers = {liar} | {i.path for i in src.infos if liar in i.references}
     assert refused == {liar}
-    assert set(registered(tmp_path / "dst")) == {i.path for i in src.infos} - liar_and_referrers
+    got = registered(tmp_path / "dst")
+    assert set(got) == {i.path for i in src.infos} - liar_and_referrers
+    # each signed narinfo's Deriver is covered by its signature: registered, as the daemon
+    # registers it when it substitutes that narinfo
+    derivers = {i.path: i.deriver for i in src.infos}
+    assert any(derivers[p] for p in got)
+    assert {p: info.deriver for p, info in got.items()} == {p: derivers[p] for p in got}
 
 
 def test_a_guix_signed_save_verifies_with_libgcrypt_and_by_itself(
@@ -318,6 +331,8 @@ def test_a_guix_signed_save_verifies_with_libgcrypt_and_by_itself(
     r = restore(cache, tmp_path / "dst2", "w", "--trusted-key", pub)
     assert r.code == 0, r.err
     assert r.json()["trusted"] is True and r.json()["trust"]["manifest_signed_by"] is None
+    derivers = {p: info.deriver for p, info in registered(tmp_path / "dst2").items()}
+    assert derivers == {i.path: i.deriver for i in src.infos} and any(derivers.values())
 
 
 def test_sign_key_from_the_environment_and_resigning_a_filled_store(tmp_path: Path) -> None:
