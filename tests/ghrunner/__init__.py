@@ -1,7 +1,9 @@
 """A GitHub Actions runner emulator for tests: runs workflow jobs and composite actions the way
 GitHub's hosted ubuntu runner and actions/cache do, each job on its own isolated "machine".
 
-Needs root (it creates the ``runner`` user and one mount namespace per job), sudo and zstd.
+Needs root (it creates the ``runner`` user and one mount namespace per job), sudo and zstd;
+its ``actions/cache`` steps run the real ``@actions/cache`` client (node and the package that
+``.ci/run`` installs: see ``tests/ghcache``) against a local stand-in of the cache service.
 
 Usage::
 
@@ -23,9 +25,12 @@ Usage::
     # one action as step "action" after a checkout, with steps around it
     job = gh.run_action("./.github/actions/save", {"name": "x"}, before=[{"run": "..."}])
 
-- :class:`GitHub`: the repository (name, default branch), its :class:`CacheService` and
-  :class:`Clock`, ``actions`` (``uses:`` name -> directory or Python action), ``secrets``,
-  ``vars``; :meth:`GitHub.run` runs a job (every matrix combination, concurrently).
+- :class:`GitHub`: the repository (name, default branch), its :class:`CacheService` (the
+  model: ``gh.cache.entries``...) and :class:`Clock`, ``cache_server`` (the cache service v2 on
+  loopback over that model, a :class:`tests.ghcache.CacheServer`: inject its faults there),
+  ``actions`` (``uses:`` name -> directory or Python action), ``secrets``, ``vars``;
+  :meth:`GitHub.run` runs a job (every matrix combination, concurrently). Each job gets its own
+  ``ACTIONS_RUNTIME_TOKEN``, which the service maps to the job's cache scopes.
 - :class:`JobResult`: ``status``, ``steps`` (:class:`StepResult` with outcome, conclusion,
   outputs, log, summary), ``outputs``, ``annotations``, ``summary``, ``log`` (masked),
   ``env``/``path`` (what GITHUB_ENV/GITHUB_PATH left), and the job's :class:`Machine`.

@@ -6,35 +6,32 @@ action sees through @actions/core: ``INPUT_*`` inputs, outputs and state written
 file-command files, annotations, ``exportVariable``/``addPath``, and processes run inside the
 job's machine as the ``runner`` user (as a node action's children are).
 
-The cache action follows actions/cache's ``src/restoreImpl.ts`` and ``src/saveImpl.ts`` over
-@actions/cache's cache service v2 client (``cache.ts``, ``internal/tar.ts``), message for message:
-``cache-hit`` is left unset on a miss; the combined action records the primary and matched key as
-state and its post step (``post-if: success()``) skips saving when the primary key was hit; a key
-that exists already makes the save log ``Failed to save: Unable to reserve cache with key ...``
-and the step still succeeds (``actions/cache/save`` adds the warning ``Cache save failed.``).
+The cache action is actions/cache v5.0.5's ``src/restoreImpl.ts`` and ``src/saveImpl.ts`` in
+Python around the real client: their ``restoreCache``/``saveCache`` calls run npm's
+``@actions/cache`` 5.0.5 (through ``tests/ghcache/driver.js``, with node, tar and zstd of the
+job's machine, as runner) against the GitHub object's cache service stand-in
+(:class:`tests.ghcache.CacheServer`), its log lines and workflow commands going to the step's
+log. What stays here is the action's own logic, message for message: ``cache-hit`` is left unset
+on a miss; the combined action records the primary and matched key as state and its post step
+(``post-if: success()``) skips saving when the primary key was hit; ``lookup-only``;
+``fail-on-cache-miss``; a failed save is the client's info or warning and the step still
+succeeds (``actions/cache/save`` adds the warning ``Cache save failed.``).
 """
-
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
-import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .cache import (
-    COMPRESSION_GZIP,
-    COMPRESSION_ZSTD,
-    CacheRateLimited,
-    CacheService,
-    CacheServiceError,
-    cache_version,
-)
+from ..ghcache.client import ClientMissing, driver_args, install_into, require_client
+from .cache import CacheService
 from .commands import format_command
 from .machine import RUNNER_USER
 
@@ -107,6 +104,12 @@ class ActionContext:
     @property
     def temp(self) -> str:
         return self.env["RUNNER_TEMP"]
+
+    @property
+    def actions_dir(self) -> str:
+        """Where the runner downloads actions (``_actions``)."""
+        from .runner import ACTIONS_DIR
+        return ACTIONS_DIR
 
     @property
     def github(self) -> dict[str, Any]:
@@ -305,7 +308,6 @@ def _basic_token(token: str) -> str:
 
 # --- actions/cache ----------------------------------------------------------------------------
 
-MB = 1024 * 1024
 CACHE_INPUTS: dict[str, str | None] = {
     "path": None, "key": None, "restore-keys": None, "upload-chunk-size": None,
     "enableCrossOsArchive": "false", "fail-on-cache-miss": "false", "lookup-only": "false",
@@ -324,54 +326,15 @@ SAVE_ALWAYS_DEPRECATION = (
     "See https://github.com/actions/cache/tree/main/save#always-save-cache for more details.\n")
 STATE_PRIMARY_KEY = "CACHE_KEY"
 STATE_MATCHED_KEY = "CACHE_RESULT"
-GLOB_HELPER = r"""
-import glob, json, os, sys
-data = json.load(sys.stdin)
-ws = data["workspace"]
-home = os.path.expanduser("~")
-includes, excludes = [], []
-for pattern in data["patterns"]:
-    pattern = pattern.strip()
-    if not pattern or pattern.startswith("#"):
-        continue
-    negate = False
-    while pattern.startswith("!"):
-        negate, pattern = not negate, pattern[1:].strip()
-    if pattern == "~" or pattern.startswith("~/"):
-        pattern = home + pattern[1:]
-    dir_only = pattern.endswith("/")
-    if not os.path.isabs(pattern):
-        pattern = os.path.join(ws, pattern)
-    hits = sorted(os.path.normpath(h) for h in glob.glob(pattern, recursive=True,
-                                                           include_hidden=True))
-    hits = [h for h in hits if os.path.exists(h) and (not dir_only or os.path.isdir(h))]
-    (excludes if negate else includes).extend(hits)
-excluded = set(excludes)
-out = []
-for h in dict.fromkeys(includes):
-    if h not in excluded:
-        rel = os.path.relpath(h, ws)
-        out.append("." if rel == "" else rel)
-print(json.dumps(out))
-"""
 
 
-class ValidationError(Exception):
-    pass
+class ClientError(Exception):
+    """What @actions/cache's restoreCache or saveCache threw (ValidationError, a path error...);
+    the action handles it as the TypeScript does (setFailed on restore, a warning on save)."""
 
-
-class ReserveCacheError(Exception):
-    pass
-
-
-class ExecError(Exception):
-    pass
-
-
-def js_round(x: float) -> int:
-    """JavaScript's Math.round (halves go up)."""
-    import math
-    return math.floor(x + 0.5)
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(message)
+        self.name = name
 
 
 def is_exact_key_match(key: str, cache_key: str | None) -> bool:
@@ -379,181 +342,81 @@ def is_exact_key_match(key: str, cache_key: str | None) -> bool:
     return bool(cache_key) and cache_key is not None and cache_key.casefold() == key.casefold()
 
 
-def check_key(key: str) -> None:
-    if len(key) > 512:
-        raise ValidationError(f"Key Validation Error: {key} cannot be larger than 512 characters.")
-    if "," in key:
-        raise ValidationError(f"Key Validation Error: {key} cannot contain commas.")
-
-
-def check_paths(paths: list[str]) -> None:
-    if not paths:
-        raise ValidationError("Path Validation Error: At least one directory or file path is "
-                              "required")
-
-
 def log_warning(ctx: ActionContext, message: str) -> None:
     """actions/cache's utils.logWarning: an info line, not an annotation."""
     ctx.info(f"[warning]{message}")
 
 
-def compression_method(ctx: ActionContext) -> str:
-    """getCompressionMethod: zstd without --long whenever zstd runs, else gzip."""
-    return COMPRESSION_ZSTD if ctx.which("zstd") else COMPRESSION_GZIP
+def get_input_as_int(ctx: ActionContext, name: str) -> int | None:
+    """actions/cache's getInputAsInt: parseInt, undefined when NaN or negative."""
+    match = re.match(r"\s*([+-]?\d+)", ctx.get_input(name))
+    if match is None or int(match.group(1)) < 0:
+        return None
+    return int(match.group(1))
 
 
-def cache_file_name(compression: str) -> str:
-    return "cache.tgz" if compression == COMPRESSION_GZIP else "cache.tzst"
+def _client_in_machine(ctx: ActionContext) -> tuple[str, str, str]:
+    """(node, preload.js, driver.js) as paths inside the job's machine, the client put under
+    ``_actions/actions/cache/<ref>/`` on first use, where the runner downloads the action."""
+    modules = require_client()
+    node = shutil.which("node")
+    if node is None or ctx.machine.path(node) != Path(node):
+        raise ActionFailed(f"node ({node}) is not visible inside the job's machine: the "
+                           f"emulator runs the host's node there, as the runner runs its own")
+    ref = ctx.uses.partition("@")[2] or "main"
+    base = f"{ctx.actions_dir}/actions/cache/{ref}"
+    host = ctx.path(base)
+    if not (host / "node_modules").is_dir():
+        install_into(host, modules)
+        # the files are hard links to the install: read-only inside the job, a step's
+        # `sudo chown -R runner ~` cannot reach the install through them
+        ctx.machine.bind_readonly(f"{base}/node_modules")
+    return node, f"{base}/preload.js", f"{base}/driver.js"
 
 
-def _tar(ctx: ActionContext) -> str:
-    tar = ctx.which("tar")
-    if tar is None:
-        raise ExecError("Unable to locate executable file: tar. Please verify either the file "
-                        "path exists or the file can be found within a directory specified by "
-                        "the PATH environment variable. Also check the file mode to verify the "
-                        "file is executable.")
-    return tar
+def run_client(ctx: ActionContext, args: list[str]) -> dict[str, Any]:
+    """Run @actions/cache (driver.js) in the job's machine as runner, with the action's
+    environment, its output going to the step's log through the workflow-command processor as
+    a node action's does; returns the call's result."""
+    node, preload, driver = _client_in_machine(ctx)
+    result_file = f"{ctx.temp}/{uuid.uuid4()}.ghcache.json"
+    argv = [node, "--require", preload, driver, *args, "--result-file", result_file]
+    code, _ = ctx.job.execute_process(argv, ctx.env, ctx.workspace, ctx.result,
+                                      ctx.job.gh.step_timeout, user=RUNNER_USER)
+    host = ctx.path(result_file)
+    try:
+        if code is None:
+            raise ActionFailed("The action has timed out.")
+        if code != 0 or not host.is_file():
+            raise ActionFailed(f"The @actions/cache client (node) exited with code {code}")
+        return dict(json.loads(host.read_text()))
+    finally:
+        host.unlink(missing_ok=True)
 
 
-def _exec_tar(ctx: ActionContext, argv: list[str], cwd: str) -> None:
-    code = ctx.exec(argv, cwd=cwd)
-    if code != 0:
-        raise ExecError(f'"{argv[0]}" failed with error: The process \'{argv[0]}\' failed with '
-                        f"exit code {code}")
-
-
-def create_tar(ctx: ActionContext, folder: str, paths: list[str], compression: str) -> None:
-    manifest = ctx.path(f"{folder}/manifest.txt")
-    manifest.write_text("\n".join(paths))
-    ctx.machine.chown_runner(f"{folder}/manifest.txt")
-    name = cache_file_name(compression)
-    argv = [_tar(ctx), "--posix", "-cf", name, "--exclude", name, "-P", "-C", ctx.workspace,
-            "--files-from", "manifest.txt"]
-    argv += ["-z"] if compression == COMPRESSION_GZIP else ["--use-compress-program", "zstdmt"]
-    _exec_tar(ctx, argv, folder)
-
-
-def extract_tar(ctx: ActionContext, archive: str, compression: str) -> None:
-    workspace = ctx.path(ctx.workspace)
-    if not workspace.exists():
-        workspace.mkdir(parents=True)
-        ctx.machine.chown_runner(ctx.workspace)
-    argv = [_tar(ctx), "-xf", archive, "-P", "-C", ctx.workspace]
-    argv += ["-z"] if compression == COMPRESSION_GZIP else ["--use-compress-program", "unzstd"]
-    _exec_tar(ctx, argv, ctx.workspace)
-
-
-def resolve_paths(ctx: ActionContext, patterns: list[str]) -> list[str]:
-    """@actions/cache's resolvePaths: glob as runner inside the machine, relative to the
-    workspace (``~`` is runner's home; missing paths and broken links are left out)."""
-    python = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else None
-    request = json.dumps({"workspace": ctx.workspace, "patterns": patterns})
-    if python is not None:
-        proc = ctx.capture([python, "-c", GLOB_HELPER], input=request)
-        if proc.returncode == 0:
-            return list(json.loads(proc.stdout))
-        raise ExecError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip()
-                        else "glob failed")
-    out = []
-    for pattern in patterns:
-        p = pattern.replace("~", ctx.env.get("HOME", "/home/runner"), 1)
-        full = p if p.startswith("/") else os.path.join(ctx.workspace, p)
-        if ctx.path(full).exists():
-            rel = os.path.relpath(full, ctx.workspace)
-            out.append(rel)
-    return out
+def _raise_client_error(result: dict[str, Any]) -> None:
+    error = result.get("error")
+    if error:
+        raise ClientError(str(error.get("name")), str(error.get("message")))
 
 
 def restore_cache(ctx: ActionContext, paths: list[str], primary_key: str,
                   restore_keys: list[str], lookup_only: bool, cross_os: bool) -> str | None:
-    """cache.ts restoreCacheV2."""
-    check_paths(paths)
-    keys = [primary_key, *restore_keys]
-    if len(keys) > 10:
-        raise ValidationError("Key Validation Error: Keys are limited to a maximum of 10.")
-    for key in keys:
-        check_key(key)
-    archive = None
-    try:
-        compression = compression_method(ctx)
-        version = cache_version(paths, compression, cross_os)
-        entry = ctx.cache.lookup(primary_key, restore_keys, version, ctx.cache_scopes)
-        if entry is None:
-            ctx.debug(f"Cache not found for version {version} of keys: {', '.join(keys)}")
-            return None
-        if primary_key != entry.key:
-            ctx.info(f"Cache hit for restore-key: {entry.key}")
-        else:
-            ctx.info(f"Cache hit for: {entry.key}")
-        if lookup_only:
-            ctx.info("Lookup only - skipping download")
-            return entry.key
-        archive = f"{ctx.mkdtemp()}/{cache_file_name(compression)}"
-        started = time.monotonic()
-        shutil.copyfile(entry.blob, ctx.path(archive))
-        ctx.machine.chown_runner(archive)
-        size = ctx.path(archive).stat().st_size
-        speed = size / MB / max(time.monotonic() - started, 0.001)
-        ctx.info(f"Received {size} of {size} (100.0%), {speed:.1f} MBs/sec")
-        ctx.info(f"Cache Size: ~{js_round(size / MB)} MB ({size} B)")
-        extract_tar(ctx, archive, compression)
-        ctx.info("Cache restored successfully")
-        return entry.key
-    except ValidationError:
-        raise
-    except Exception as e:
-        ctx.warning(f"Failed to restore: {e}")
-    finally:
-        if archive:
-            ctx.path(archive).unlink(missing_ok=True)
-    return None
+    """@actions/cache's restoreCache(paths, key, restoreKeys, {lookupOnly}, crossOs)."""
+    result = run_client(ctx, driver_args("restore", paths, primary_key,
+                                         restore_keys=restore_keys, lookup_only=lookup_only,
+                                         cross_os=cross_os))
+    _raise_client_error(result)
+    return result.get("matchedKey") or None
 
 
 def save_cache(ctx: ActionContext, paths: list[str], key: str, cross_os: bool) -> int:
-    """cache.ts saveCacheV2."""
-    check_paths(paths)
-    check_key(key)
-    compression = compression_method(ctx)
-    cache_id = -1
-    cache_paths = resolve_paths(ctx, paths)
-    if not cache_paths:
-        raise ExecError("Path Validation Error: Path(s) specified in the action for caching "
-                        "do(es) not exist, hence no cache is being saved.")
-    folder = ctx.mkdtemp()
-    archive = f"{folder}/{cache_file_name(compression)}"
-    try:
-        create_tar(ctx, folder, cache_paths, compression)
-        size = ctx.path(archive).stat().st_size
-        version = cache_version(paths, compression, cross_os)
-        try:
-            reservation = ctx.cache.reserve(key, version, ctx.cache_scope)
-        except CacheRateLimited as e:
-            ctx.warning(f"You've hit a rate limit, your rate limit will reset in "
-                        f"{e.retry_after} seconds")
-            raise ReserveCacheError(f"Unable to reserve cache with key {key}, another job may be "
-                                    f"creating this cache.") from None
-        except CacheServiceError:
-            raise ReserveCacheError(f"Unable to reserve cache with key {key}, another job may be "
-                                    f"creating this cache.") from None
-        started = time.monotonic()
-        try:
-            entry = ctx.cache.commit(reservation, ctx.path(archive))
-        except BaseException:
-            ctx.cache.abort(reservation)
-            raise
-        speed = size / MB / max(time.monotonic() - started, 0.001)
-        ctx.info(f"Sent {size} of {size} (100.0%), {speed:.1f} MBs/sec")
-        cache_id = entry.id
-    except ValidationError:
-        raise
-    except ReserveCacheError as e:
-        ctx.info(f"Failed to save: {e}")
-    except Exception as e:
-        ctx.warning(f"Failed to save: {e}")
-    finally:
-        ctx.path(archive).unlink(missing_ok=True)
-    return cache_id
+    """@actions/cache's saveCache(paths, key, {uploadChunkSize}, crossOs)."""
+    result = run_client(ctx, driver_args("save", paths, key, cross_os=cross_os,
+                                         upload_chunk_size=get_input_as_int(
+                                             ctx, "upload-chunk-size")))
+    _raise_client_error(result)
+    return int(result.get("cacheId", -1))
 
 
 def restore_impl(ctx: ActionContext, restore_only: bool) -> None:
@@ -622,6 +485,8 @@ def save_impl(ctx: ActionContext, save_only: bool) -> int | None:
         cache_id = save_cache(ctx, paths, primary_key, cross_os)
         if cache_id != -1:
             ctx.info(f"Cache saved with key: {primary_key}")
+    except (ActionFailed, ClientMissing):
+        raise  # the client could not run at all: the node action itself would have failed
     except Exception as e:
         log_warning(ctx, str(e))
     return cache_id

@@ -11,12 +11,18 @@
   creation order.
 - Entries are immutable: reserving (``CreateCacheEntry``) a key, version and scope that already
   exists, or that another job is uploading, fails with 409 and the upload does not happen.
+- A reservation holds its key until ``FinalizeCacheEntryUpload`` turns its uploaded blob into an
+  entry; only then do lookups see it. A reservation whose job died mid-upload is never finalized
+  and keeps blocking that key (actions/cache#1612), invisible to lookups; :meth:`release` is the
+  emulator's way out, the real service offers none to a workflow.
 - About 200 new entries per minute per repository (429 with Retry-After past that); 10 GB per
   repository, least recently accessed entries evicted beyond it; entries not accessed for 7 days
   are evicted. All of these limits are parameters.
 
-Archives are stored as files under the service's directory; the test holds the service across
-jobs and runs, and inspects :attr:`CacheService.entries` and :attr:`CacheService.total_size`.
+Archives are stored as files under the service's directory (uploads staged under ``uploads/``);
+the test holds the service across jobs and runs, and inspects :attr:`CacheService.entries`,
+:attr:`CacheService.pending` and :attr:`CacheService.total_size`. ``tests/ghcache`` serves this
+model over the real protocol to the real ``@actions/cache`` client.
 """
 
 from __future__ import annotations
@@ -101,6 +107,12 @@ class CacheConflict(CacheServiceError):
         super().__init__(message)
 
 
+class CacheNotFinalized(CacheServiceError):
+    """FinalizeCacheEntryUpload without a reservation, or without its upload."""
+
+    status = 404
+
+
 class CacheRateLimited(CacheServiceError):
     status = 429
 
@@ -111,10 +123,14 @@ class CacheRateLimited(CacheServiceError):
 
 @dataclass
 class Reservation:
+    """A CreateCacheEntry that succeeded: the key is taken until finalized (or released)."""
+
     key: str
     version: str
     scope: str
     created_at: datetime
+    id: int = 0
+    blob: Path | None = None  # where the upload lands; finalize makes it the entry's blob
 
 
 @dataclass
@@ -132,12 +148,14 @@ class CacheService:
                                                               repr=False)
     _creations: list[datetime] = field(default_factory=list, init=False, repr=False)
     _next_id: int = field(default=1, init=False, repr=False)
+    _next_reservation: int = field(default=1, init=False, repr=False)
     _lock: threading.RLock = field(default_factory=threading.RLock, init=False, repr=False)
     log: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.storage = Path(self.storage)
         self.storage.mkdir(parents=True, exist_ok=True)
+        (self.storage / "uploads").mkdir(exist_ok=True)
 
     # -- inspection ------------------------------------------------------------------------
 
@@ -153,6 +171,21 @@ class CacheService:
 
     def find(self, key: str, scope: str | None = None) -> list[CacheEntry]:
         return [e for e in self.entries if e.key == key and (scope is None or e.scope == scope)]
+
+    @property
+    def pending(self) -> list[Reservation]:
+        """Reservations not finalized yet (uploads in flight, or held by a job that died)."""
+        with self._lock:
+            return sorted(self._pending.values(), key=lambda r: r.id)
+
+    def entry(self, entry_id: int) -> CacheEntry | None:
+        with self._lock:
+            self._evict_expired()
+            return next((e for e in self._entries if e.id == entry_id), None)
+
+    def reservation(self, reservation_id: int) -> Reservation | None:
+        with self._lock:
+            return next((r for r in self._pending.values() if r.id == reservation_id), None)
 
     @property
     def total_size(self) -> int:
@@ -221,35 +254,60 @@ class CacheService:
             if exists or ident in self._pending:
                 self.log.append(f"conflict {key} ({scope})")
                 raise CacheConflict()
-            reservation = Reservation(key, version, scope, now)
+            reservation = Reservation(key, version, scope, now, self._next_reservation)
+            reservation.blob = self.storage / "uploads" / f"{reservation.id}.blob"
+            self._next_reservation += 1
             self._pending[ident] = reservation
             self._creations.append(now)
             return reservation
 
-    def commit(self, reservation: Reservation, archive: Path) -> CacheEntry:
-        """Upload the archive and FinalizeCacheEntryUpload."""
+    def finalize(self, key: str, version: str, scope: str, size: int | None = None
+                 ) -> CacheEntry:
+        """FinalizeCacheEntryUpload: the reservation's uploaded blob becomes a visible entry.
+        Without a reservation, or before its upload landed (or of another size than the client
+        says), nothing changes and :class:`CacheNotFinalized` is raised."""
         with self._lock:
-            ident = (reservation.key.casefold(), reservation.version, reservation.scope)
-            if self._pending.get(ident) is not reservation:
-                raise CacheServiceError("no such reservation")
+            ident = (key.casefold(), version, scope)
+            reservation = self._pending.get(ident)
+            if reservation is None:
+                raise CacheNotFinalized(f"no cache entry reserved for key {key} in {scope}")
+            assert reservation.blob is not None
+            if not reservation.blob.is_file():
+                raise CacheNotFinalized(f"nothing was uploaded for key {key}")
+            actual = reservation.blob.stat().st_size
+            if size is not None and size != actual:
+                raise CacheNotFinalized(f"uploaded {actual} bytes for key {key}, not {size}")
             entry_id = self._next_id
             self._next_id += 1
-        blob = self.storage / f"{entry_id}.blob"
-        shutil.copyfile(archive, blob)
-        with self._lock:
+            blob = self.storage / f"{entry_id}.blob"
+            reservation.blob.replace(blob)
             del self._pending[ident]
             now = self.clock.now()
             entry = CacheEntry(entry_id, reservation.key, reservation.version, reservation.scope,
-                               blob.stat().st_size, now, now, blob, seq=entry_id)
+                               actual, now, now, blob, seq=entry_id)
             self._entries.append(entry)
             self.log.append(f"saved {entry.key} ({entry.scope}, {entry.size} B)")
             self._evict_over_limit()
             return entry
 
-    def abort(self, reservation: Reservation) -> None:
+    def commit(self, reservation: Reservation, archive: Path) -> CacheEntry:
+        """Upload the archive and FinalizeCacheEntryUpload, in one call."""
         with self._lock:
-            self._pending.pop((reservation.key.casefold(), reservation.version, reservation.scope),
-                              None)
+            ident = (reservation.key.casefold(), reservation.version, reservation.scope)
+            if self._pending.get(ident) is not reservation:
+                raise CacheServiceError("no such reservation")
+        assert reservation.blob is not None
+        shutil.copyfile(archive, reservation.blob)
+        return self.finalize(reservation.key, reservation.version, reservation.scope)
+
+    def release(self, reservation: Reservation) -> None:
+        """Drop a reservation that was never finalized, and its partial upload."""
+        with self._lock:
+            ident = (reservation.key.casefold(), reservation.version, reservation.scope)
+            if self._pending.get(ident) is reservation:
+                del self._pending[ident]
+                if reservation.blob is not None:
+                    reservation.blob.unlink(missing_ok=True)
 
     # -- eviction ------------------------------------------------------------------------
 

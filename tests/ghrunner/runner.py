@@ -293,6 +293,10 @@ SetupHook = Callable[[Machine], None]
 class GitHub:
     """A repository on a fake github.com: its cache service, clock, actions and runs.
 
+    ``cache`` is the cache service's model; ``cache_server`` serves it on loopback, from
+    construction to :meth:`close`, to the real ``@actions/cache`` client that the
+    ``actions/cache`` steps run (a :class:`tests.ghcache.CacheServer`).
+
     ``actions`` maps ``uses:`` names to implementations: ``"owner/repo"`` (or
     ``"owner/repo/path"``, optionally with ``@ref``) to a local directory holding the repository,
     to a :class:`~.actions.PythonAction`, or to a plain callable taking an
@@ -318,6 +322,10 @@ class GitHub:
         self.default_branch = default_branch
         self.clock = clock or (cache.clock if cache else Clock())
         self.cache = cache or CacheService(self.root / "cache-service", clock=self.clock)
+        # the cache service v2 on loopback, over self.cache, for the real @actions/cache client
+        # of the actions/cache steps (imported here: tests.ghcache imports this package's model)
+        from ..ghcache.service import CacheServer
+        self.cache_server = CacheServer(self.cache).start()
         self.isolated = tuple(isolated)
         self.source = source
         self.sources: dict[str, Path] = {}
@@ -436,9 +444,11 @@ class GitHub:
         return machine.start()
 
     def close(self) -> None:
-        """Kill every job machine's processes (their files stay under root)."""
+        """Kill every job machine's processes (their files stay under root) and stop the cache
+        service."""
         for m in self.machines:
             m.close()
+        self.cache_server.stop()
 
     def __enter__(self) -> GitHub:
         return self
@@ -679,6 +689,10 @@ class JobRun:
             self.runner_ctx["debug"] = "1"
         for value in spec.secrets.values():
             self.masker.add(value)
+        # the job's ACTIONS_RUNTIME_TOKEN: what the cache service knows the job's scopes by
+        self.runtime_token = self.gh.cache_server.token(spec.cache_scopes, spec.event.ref,
+                                                        self.display_name)
+        self.masker.add(self.runtime_token)
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -1411,10 +1425,7 @@ class JobRun:
         for key, value in state.items():
             env[f"STATE_{key}"] = value
         env.update({"ACTIONS_RUNTIME_URL": "https://pipelines.actions.githubusercontent.com/x/",
-                    "ACTIONS_RUNTIME_TOKEN": self.spec.secrets["GITHUB_TOKEN"],
-                    "ACTIONS_RESULTS_URL": "https://results-receiver.actions.githubusercontent.com/",
-                    "ACTIONS_CACHE_URL": "https://acghubeus1.actions.githubusercontent.com/x/",
-                    "ACTIONS_CACHE_SERVICE_V2": "True"})
+                    **self.gh.cache_server.env(self.runtime_token)})
         if stage == "main":
             self._log_inputs(result, inputs, {**scope.env_overrides, **step_env})
         ctx = builtin_actions.ActionContext(self, result, inputs, env, state, stage, uses,
