@@ -1,4 +1,5 @@
-"""Action step: what the `run:` steps of the composite actions in `.github/actions/` do.
+"""Action step: what the `run:` steps of the composite actions in `.github/actions/` do, a thin
+front end over `transfer` (which cache entries exist and what goes up), `restore` and `save`.
 
 Each verb reads its inputs from `INCSTORE_*` environment variables (never from expressions
 expanded into a script), writes step outputs to `$GITHUB_OUTPUT`, a table to
@@ -7,16 +8,21 @@ everything quoted from input escaped. A cache problem is a cache miss: unless th
 for `fail-on`, a verb warns and exits 0, so the job goes on and the daemon substitutes or
 builds what the cache could not give. No input and no cache state ends in a traceback.
 
-Verbs (see `transfer` for the cache-entry scheme):
-- `restore-prepare`: validate the inputs; name the base key to look up.
-- `restore-plan`: after the base entry is restored, name the slot keys to try.
-- `restore`: merge the restored entries into the chunk store, restore the manifest, record
-  the state a later save in the job starts from.
-- `save`: save the store, gc, and stage what changed since the restore (or a new base first,
-  when the generation's slots are full).
-- `save-restage`: after a new base was uploaded, stage the save's own changes.
-- `save-check`: after an upload and reading its key back: done, or merge the winner's entry
-  and stage the next slot.
+Verbs, in the order the actions run them (see `transfer` for the entries):
+- `restore-prepare`: validate the inputs; name the index lookup.
+- `restore-plan`: after the newest index is restored, name its chain's content entries.
+- `restore`: merge the chain into the chunk store, restore the manifest into the store, and
+  record the state a later save in the job starts from.
+- `save-prepare`: whether this run saves; when no restore ran in this job, the same index
+  lookup, so that the save can read what the cache holds before it adds to it.
+- `save-catch-up`: after that lookup and its chain: merge, and record the state.
+- `save`: save the store and gc; stage what changed since the state (or a base).
+- `save-index`: after the content entry went up and was looked up: stage nothing when it is
+  not there (refused or held), else name the newest-index lookup.
+- `save-stage-index`: stage the index naming this save's chain and what the newest index
+  names that this save did not see.
+- `save-recheck`: after the index went up, the newest index again: if another save's index
+  came in meanwhile and does not name ours, stage one that names both.
 - `save-report`: the save's outputs and summary.
 """
 
@@ -24,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -32,53 +37,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from incstore import manifest, trust
-from incstore.errors import IncstoreError
+from incstore import atomicfile, manifest, transfer, trust, units
+from incstore.db import FLAVOURS
+from incstore.errors import IncstoreError, InputError
 from incstore.gc import execute_gc, plan_gc
-from incstore.transfer import (
-    SLOTS,
-    Entry,
-    Snapshot,
-    base_key,
-    clear,
-    delta,
-    entries_in,
-    give_to,
-    merge,
-    mirror,
-    new_nonce,
-    owns,
-    slot_key,
-    slot_prefix,
-    stage,
-)
-from incstore.xferdir import Refusal, TransferDir
+from incstore.restore import execute_restore, load_manifest, plan_restore
+from incstore.save import execute_save, plan_save, previous_manifest
+from incstore.store import Store
 
 FAIL_ON = ("never", "corrupt", "any")
+SAVE_ON = ("any", "any-branch", "default-branch")  # any-branch: the name before PRs saved
 # exit codes that mean the cache holds something wrong (not merely something missing)
 CORRUPT_CODES = {3, 7, 8, 12, 14}
-_SIZE_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([kKmMgGtT]i?[bB]?|[bB])?")
-_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
-          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
-
-
-class InputError(Exception):
-    """An action input is invalid: the step fails with one line, before any work."""
-
-
-def parse_size(text: str) -> int:
-    """`8000000000`, `8GB`, `8G`, `7.5GiB`, `500 MB` to bytes."""
-    m = _SIZE_RE.fullmatch(text.strip())
-    if m is None:
-        raise InputError(f"max-bytes: not a size: {text!r} (e.g. 8GB, 7.5GiB, 8000000000)")
-    unit = (m.group(2) or "").lower().removesuffix("b")
-    return int(float(m.group(1)) * _UNITS[unit])
+CHAIN_OUTPUTS = [f"c{n:02d}" for n in range(1, transfer.MAX_CHAIN + 1)]
 
 
 def parse_days(text: str) -> float:
-    """`30`, `30d`, `12h` (a duration) to days."""
+    """`30`, `30d`, `12h` (a duration; a bare number counts days) to days."""
     try:
-        return trust.parse_duration(text if text[-1:].isalpha() else text + "d") / 86400
+        return units.parse_duration(text, default_unit="d") / 86400
     except ValueError:
         raise InputError(f"not a duration in days: {text!r} (e.g. 30, 30d, 12h)") from None
 
@@ -134,22 +111,52 @@ class Step:
         return self.path("XFER")
 
     @property
-    def state_dir(self) -> Path:
-        return self.path("STATE")
-
-    @property
     def name(self) -> str:
         return manifest.check_name(self.get("NAME", "default"))
 
     @property
-    def key_prefix(self) -> str:
-        prefix = self.get("KEY_PREFIX", "incstore")
-        if not re.fullmatch(r"[A-Za-z0-9._+-]{1,200}", prefix):
-            raise InputError(f"key-prefix: letters, digits and . _ + - only, not {prefix!r}")
-        return prefix
+    def flavour(self) -> str:
+        return self.choice("FLAVOUR", tuple(FLAVOURS), "guix")
 
+    @property
+    def family(self) -> str:
+        try:
+            return transfer.family(self.get("RUNNER_OS", "Linux"),
+                                   self.get("RUNNER_ARCH", "X64"), self.flavour)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+
+    @property
+    def namespace(self) -> str:
+        try:
+            return transfer.check_namespace(self.get("KEY_PREFIX", "incstore"))
+        except ValueError as e:
+            raise InputError(str(e)) from None
+
+    def unique(self) -> str:
+        e = self.env
+        return transfer.unique(f"{e.get('GITHUB_RUN_ID')}-{e.get('GITHUB_RUN_ATTEMPT')}-"
+                               f"{e.get('GITHUB_JOB')}-{self.name}")
+
+    def index_lookup(self) -> None:
+        key, fallback = transfer.index_lookup(self.family, self.namespace)
+        self.outputs.update({"index-key": key, "index-fallback": fallback})
+
+    # the state one job's steps pass on (the restore's, then the save's) ---------------------
     def state_file(self) -> Path:
-        return self.state_dir / f"{self.name}.json"
+        return self.path("STATE") / f"{self.name}.json"
+
+    def snapshot_file(self) -> Path:
+        return self.path("STATE") / f"{self.name}.snapshot"
+
+    def read_state(self) -> dict[str, Any] | None:
+        try:
+            return dict(json.loads(self.state_file().read_bytes()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def write_state(self, state: dict[str, Any]) -> None:
+        atomicfile.write_bytes(self.state_file(), json.dumps(state).encode())
 
     def finish(self) -> None:
         if out := self.env.get("GITHUB_OUTPUT"):
@@ -179,115 +186,9 @@ def _user(env: Mapping[str, str]) -> tuple[int, int] | None:
         return None
 
 
-# restore ------------------------------------------------------------------------------
-
-
-def restore_prepare(step: Step) -> int:
-    step.name, step.key_prefix  # noqa: B018 (validation)
-    step.choice("FAIL_ON", FAIL_ON, "never")
-    step.choice("DB_MODE", ("auto", "swap", "in-place"), "auto")
-    step.flag("LOOKUP_ONLY")
-    if max_age := step.get("MAX_AGE"):
-        try:
-            trust.parse_duration(max_age)
-        except ValueError as e:
-            raise InputError(f"max-age: {e}") from None
-    step.outputs["base-key"] = "" if step.s3 else f"{step.key_prefix}-base-"
-    return 0
-
-
-def restore_plan(step: Step) -> int:
-    """After the base entry is restored: the slots of its generation."""
-    bases = [e for e in entries_in(step.xfer) if e.kind == "base"]
-    step.outputs["slot-prefix"] = (slot_prefix(step.key_prefix, bases[-1].generation)
-                                   if bases else "")
-    return 0
-
-
-def restore(step: Step) -> int:
-    from incstore.restore import execute_restore, plan_restore
-
-    fail_on = step.choice("FAIL_ON", FAIL_ON, "never")
-    cache, name = step.cache, step.name
-    generation, slots = None, 0
-    if not step.s3:
-        merged = merge(step.xfer, Path(cache), generation=_base_generation(step.xfer))
-        _warn_refused(step, merged.problems)
-        applied = merged.entries
-        bases = [e for e in applied if e.kind == "base"]
-        generation = bases[-1].generation if bases else None
-        slots = max((e.slot for e in applied if e.kind == "slot"), default=0)
-        if (user := _user(step.env)) is not None:
-            give_to(step.xfer, *user)
-    step.state_dir.mkdir(parents=True, exist_ok=True)
-    if not step.s3:
-        Snapshot.take(Path(cache)).write(_snapshot_path(step))
-        if slots >= SLOTS:
-            # the save will start a new generation whose base is this content exactly:
-            # keep it (hard links) before the restore and save change anything
-            mirror(Path(cache), _mirror_path(step))
-    state: dict[str, Any] = {"generation": generation, "slots": slots, "failed": [],
-                             "restored": False}
-    rows: list[tuple[str, Any]] = [("matched key", step.get("MATCHED_KEY", "(none)")),
-                                   ("cache entries", f"base g{generation}, {slots} slot(s)"
-                                    if generation is not None else "none")]
-    step.outputs.update({"hit": "false", "restored": "0", "skipped": "0", "failed": "0",
-                         "bytes": "0", "trusted": "false", "generation": str(generation or "")})
-    try:
-        loaded, data, sig = _load(cache, name)
-    except IncstoreError as e:
-        _write_state(step, state)
-        step.summary += _table(f"incstore restore `{name}`: cache miss",
-                               [*rows, ("manifest", str(e))])
-        return 0
-    policy = trust.Policy(_roots(step), expected_name=name,
-                          max_age=trust.parse_duration(a) if (a := step.get("MAX_AGE")) else None,
-                          require_manifest=step.flag("REQUIRE_SIGNED_MANIFEST"))
-    prefix = Path(step.get("PREFIX", "/"))
-    db_path = Path(step.get("DB")) if step.get("DB") else None
-    code = 0
-    try:
-        plan = plan_restore(loaded, prefix, cache, db_path=db_path,
-                            db_mode=step.choice("DB_MODE", ("auto", "swap", "in-place"),
-                                                "auto"),  # type: ignore[arg-type]
-                            policy=policy, data=data, sig=sig)
-        result = execute_restore(plan, jobs=os.cpu_count() or 2)
-    except IncstoreError as e:
-        state["failed"] = list(loaded.paths)
-        _write_state(step, state)
-        step.outputs.update({"hit": "true", "failed": str(len(loaded))})
-        step.summary += _table(f"incstore restore `{name}`: not restored",
-                               [*rows, ("error", str(e))])
-        return _problem(step, e.exit_code, f"restore of {name} did not happen: {e}", fail_on)
-    restored = set(result.extracted)
-    failed = sorted({e.item for e in result.failed if e.item} | set(result.skipped))
-    state.update(failed=failed, restored=True)
-    _write_state(step, state)
-    nar_bytes = sum(loaded.nar_size(n) for n in plan.to_extract if loaded.paths[n] in restored)
-    step.outputs.update({
-        "hit": "true", "restored": str(len(result.registered)),
-        "skipped": str(len(plan.actions) - len(plan.to_extract)), "failed": str(len(failed)),
-        "bytes": str(nar_bytes), "trusted": "true" if plan.trusted else "false"})
-    for warning in result.warnings:
-        step.annotate("warning", warning)
-    step.summary += _table(f"incstore restore `{name}`", [
-        *rows, ("items in manifest", len(plan.actions)),
-        ("restored", len(result.registered)),
-        ("already present", len(plan.actions) - len(plan.to_extract)),
-        ("failed or skipped", len(failed)), ("NAR bytes restored", f"{nar_bytes:,}"),
-        ("registered in", f"{result.db_mode} mode"),
-        ("trusted", "yes" if plan.trusted else "no" if plan.trust.active
-         else "no (no trusted keys given)")])
-    step.summary += [f"- `{e}`" for e in result.failed[:50]]
-    error = result.error()
-    if error is not None:
-        for failure in result.failed[:10]:
-            step.annotate("warning", str(failure), "incstore: not restored")
-        more = f" (and {len(result.failed) - 10} more)" if len(result.failed) > 10 else ""
-        code = _problem(step, error.exit_code,
-                        f"{len(failed)} item(s) of {name} were not restored{more}; the daemon "
-                        f"substitutes or builds them: {error}", fail_on)
-    return code
+def _hand_back(step: Step) -> None:
+    if (user := _user(step.env)) is not None:
+        transfer.give_to(step.xfer, *user)
 
 
 def _warn_refused(step: Step, problems: list[str]) -> None:
@@ -299,9 +200,135 @@ def _warn_refused(step: Step, problems: list[str]) -> None:
         step.annotate("warning", f"... and {len(problems) - 10} more refused")
 
 
-def _base_generation(xfer: Path) -> int | None:
-    bases = [e for e in entries_in(xfer) if e.kind == "base"]
-    return bases[-1].generation if bases else None
+# restore ------------------------------------------------------------------------------
+
+
+def restore_prepare(step: Step) -> int:
+    step.name  # noqa: B018 (validation)
+    step.choice("FAIL_ON", FAIL_ON, "never")
+    step.choice("DB_MODE", ("auto", "swap", "in-place"), "auto")
+    step.flag("LOOKUP_ONLY")
+    if max_age := step.get("MAX_AGE"):
+        try:
+            units.parse_duration(max_age)
+        except ValueError as e:
+            raise InputError(f"max-age: {e}") from None
+    if step.s3:
+        step.outputs.update({"index-key": "", "index-fallback": ""})
+        return 0
+    step.index_lookup()
+    transfer.clear(step.xfer)
+    return 0
+
+
+def _chain_of(step: Step) -> tuple[str, list[str]]:
+    """The index restored into the transfer directory (its key from `MATCHED_KEY`) and its
+    chain; ("", []) on a miss or an index that does not hold to the format (warned)."""
+    key = step.get("MATCHED_KEY")
+    if not key:
+        return "", []
+    try:
+        return key, transfer.read_index(step.xfer, key).chain
+    except IncstoreError as e:
+        step.annotate("warning", f"the cache index is not usable (a cache miss): {e}")
+        return "", []
+
+
+def restore_plan(step: Step) -> int:
+    """After the index entry is restored: the content entries of its chain, one output each."""
+    _, chain = _chain_of(step)
+    padded = chain + [""] * (len(CHAIN_OUTPUTS) - len(chain))
+    step.outputs.update(dict(zip(CHAIN_OUTPUTS, padded, strict=True)))
+    return 0
+
+
+def _merge(step: Step) -> dict[str, Any]:
+    """Merge the restored chain into the chunk store; the state a save starts from."""
+    index, chain = _chain_of(step)
+    merged = transfer.merge_chain(step.xfer, Path(step.cache), chain)
+    _warn_refused(step, merged.problems)
+    for name in merged.unions:
+        step.annotate("notice", f"{name}: two saves that did not see each other wrote it; "
+                      "restored as the union of their items")
+    _hand_back(step)
+    transfer.Snapshot.take(Path(step.cache)).write(step.snapshot_file())
+    return {"index": index, "chain": merged.applied, "missing": merged.missing,
+            "failed": [], "restored": False}
+
+
+def restore(step: Step) -> int:
+    fail_on = step.choice("FAIL_ON", FAIL_ON, "never")
+    cache, name = step.cache, step.name
+    step.path("STATE").mkdir(parents=True, exist_ok=True)
+    state: dict[str, Any] = {"index": "", "chain": [], "missing": [], "failed": [],
+                             "restored": False}
+    if not step.s3:
+        state = _merge(step)
+    rows: list[tuple[str, Any]] = [
+        ("cache index", state["index"] or "(none)"),
+        ("content entries", f"{len(state['chain'])} restored" +
+         (f", {len(state['missing'])} missing (evicted?)" if state["missing"] else ""))]
+    step.outputs.update({"hit": "false", "restored": "0", "skipped": "0", "failed": "0",
+                         "bytes": "0", "trusted": "false", "complete": "false",
+                         "entries": str(len(state["chain"]))})
+    roots = _roots(step)
+    try:
+        loaded, data, sig = load_manifest(cache, name=name, signed=roots.active)
+    except IncstoreError as e:
+        step.write_state(state)
+        step.summary += _table(f"incstore restore `{name}`: cache miss",
+                               [*rows, ("manifest", str(e))])
+        return 0
+    policy = trust.Policy(roots, expected_name=name,
+                          max_age=units.parse_duration(a) if (a := step.get("MAX_AGE")) else None,
+                          require_manifest=step.flag("REQUIRE_SIGNED_MANIFEST"))
+    prefix = Path(step.get("PREFIX", "/"))
+    db_path = Path(step.get("DB")) if step.get("DB") else None
+    try:
+        plan = plan_restore(loaded, prefix, cache, db_path=db_path,
+                            db_mode=step.choice("DB_MODE", ("auto", "swap", "in-place"),
+                                                "auto"),  # type: ignore[arg-type]
+                            policy=policy, data=data, sig=sig)
+        result = execute_restore(plan, jobs=os.cpu_count() or 2)
+    except IncstoreError as e:
+        step.write_state({**state, "failed": list(loaded.paths)})
+        step.outputs.update({"hit": "true", "failed": str(len(loaded))})
+        step.summary += _table(f"incstore restore `{name}`: not restored",
+                               [*rows, ("error", str(e))])
+        return _problem(step, e.exit_code, f"restore of {name} did not happen: {e}", fail_on)
+    restored = set(result.extracted)
+    failed = sorted({e.item for e in result.failed if e.item} | set(result.skipped))
+    step.write_state({**state, "failed": failed, "restored": True})
+    nar_bytes = sum(loaded.nar_size(n) for n in plan.to_extract if loaded.paths[n] in restored)
+    present = len(plan.actions) - len(plan.to_extract)
+    complete = present + len(result.registered) == len(plan.actions) and \
+        not plan.missing_external
+    step.outputs.update({
+        "hit": "true", "restored": str(len(result.registered)), "skipped": str(present),
+        "failed": str(len(failed)), "bytes": str(nar_bytes),
+        "trusted": "true" if plan.trusted else "false",
+        "complete": "true" if complete else "false"})
+    for warning in result.warnings:
+        step.annotate("warning", warning)
+    step.summary += _table(f"incstore restore `{name}`", [
+        *rows, ("items in manifest", len(plan.actions)),
+        ("restored", len(result.registered)), ("already present", present),
+        ("failed or skipped", len(failed)), ("NAR bytes restored", f"{nar_bytes:,}"),
+        ("closure complete", "yes: every item of the manifest is valid in the store"
+         if complete else "no: the daemon substitutes or builds what is missing"),
+        ("registered in", f"{result.db_mode} mode"),
+        ("trusted", "yes" if plan.trusted else "no" if plan.trust.active
+         else "no (no trusted keys given)")])
+    step.summary += [f"- `{e}`" for e in result.failed[:50]]
+    error = result.error()
+    if error is None:
+        return 0
+    for failure in result.failed[:10]:
+        step.annotate("warning", str(failure), "incstore: not restored")
+    more = f" (and {len(result.failed) - 10} more)" if len(result.failed) > 10 else ""
+    return _problem(step, error.exit_code,
+                    f"{len(failed)} item(s) of {name} were not restored{more}; the daemon "
+                    f"substitutes or builds them: {error}", fail_on)
 
 
 def _problem(step: Step, code: int, message: str, fail_on: str) -> int:
@@ -311,42 +338,23 @@ def _problem(step: Step, code: int, message: str, fail_on: str) -> int:
     return code if strict else 0
 
 
-def _load(cache: str, name: str) -> tuple[manifest.Manifest, bytes, bytes | None]:
-    from incstore.chunkstore import ChunkStore
-
-    chunks = ChunkStore(cache)
-    if not chunks.exists():
-        raise IncstoreError("no chunk store restored")
-    sig = chunks.read_manifest_sig(name)
-    data = chunks.read_manifest(name)
-    return manifest.from_bytes(data, name), data, sig
-
-
 def _roots(step: Step) -> trust.Roots:
-    keys = [k for k in re.split(r"[\s]+", step.get("TRUSTED_KEYS")) if k]
+    keys = [k for k in step.get("TRUSTED_KEYS").split() if k]
     acl = step.get("TRUST_GUIX_ACL", "false")
     acl_path = (trust.DEFAULT_GUIX_ACL if acl == "true" else None if acl == "false"
                 else Path(acl))
     return trust.load_roots(keys, guix_acl=acl_path)
 
 
-def _write_state(step: Step, state: dict[str, Any]) -> None:
-    from incstore import atomicfile
-
-    atomicfile.write_bytes(step.state_file(), json.dumps(state).encode())
-
-
 # save ---------------------------------------------------------------------------------
 
 
-def _save_allowed(step: Step) -> str | None:
-    """Why this job must not save, or None."""
+def _why_not_save(step: Step) -> str | None:
+    """Why this job must not save, or None. Pull requests save by default: GitHub keeps
+    what they write in the pull request's own scope, which nothing else reads."""
     if not step.flag("SAVE", True):
         return "save is false"
-    event = step.env.get("GITHUB_EVENT_NAME", "")
-    if event.startswith("pull_request"):
-        return "pull requests read the cache and never write it"
-    save_on = step.choice("SAVE_ON", ("default-branch", "any-branch"), "default-branch")
+    save_on = step.choice("SAVE_ON", SAVE_ON, "any")
     default = _default_branch(step.env)
     ref = step.env.get("GITHUB_REF", "")
     if save_on == "default-branch" and default and ref != f"refs/heads/{default}":
@@ -362,34 +370,55 @@ def _default_branch(env: Mapping[str, str]) -> str:
         return ""
 
 
+def save_prepare(step: Step) -> int:
+    step.name, step.namespace, step.family  # noqa: B018 (validation)
+    parse_days(step.get("KEEP_DAYS", "30"))
+    _size(step)
+    step.outputs.update({"save": "false", "catch-up": "false", "index-key": "",
+                         "index-fallback": ""})
+    why_not = _why_not_save(step)
+    if why_not is not None:
+        step.annotate("notice", f"not saving the cache: {why_not}")
+        step.summary += _table(f"incstore save `{step.name}`: skipped", [("why", why_not)])
+        return 0
+    step.outputs["save"] = "true"
+    if step.s3 or step.read_state() is not None:
+        return 0
+    # the restore did not run in this job (or failed before it recorded anything): read what
+    # the cache holds first, so that this save adds to it and shrinks nothing
+    step.outputs["catch-up"] = "true"
+    step.index_lookup()
+    transfer.clear(step.xfer)
+    return 0
+
+
+def save_catch_up(step: Step) -> int:
+    step.path("STATE").mkdir(parents=True, exist_ok=True)
+    step.write_state(_merge(step))
+    return 0
+
+
+def _size(step: Step) -> int:
+    try:
+        return units.parse_size(step.get("MAX_BYTES", "8GB"))
+    except ValueError as e:
+        raise InputError(f"max-bytes: {e}") from None
+
+
 def save(step: Step) -> int:
-    """Save the store and gc; stage what goes up first (its key in outputs `key`, or
-    `base-key` when the slots are full and a new base must go up first)."""
+    """Save the store and gc; stage the content entry (output `content-key`)."""
     from incstore import signature
-    from incstore.db import FLAVOURS
-    from incstore.save import execute_save, plan_save, previous_manifest
-    from incstore.store import Store
 
     name, cache = step.name, step.cache
     keep = parse_days(step.get("KEEP_DAYS", "30"))
-    budget = parse_size(step.get("MAX_BYTES", "8GB"))
-    flavour = FLAVOURS.get(step.get("FLAVOUR", "guix"))
-    if flavour is None:
-        raise InputError(f"flavour: guix or nix, not {step.get('FLAVOUR')!r}")
+    flavour = FLAVOURS[step.flavour]
     excludes = [Path(p) for p in step.get("EXCLUDE_DB").splitlines() if p.strip()]
-    step.outputs.update({"key": "", "base-key": "", "changed": "false", "items": "0",
-                         "written": "0", "bytes": "0", "upload-bytes": "0",
+    step.outputs.update({"content-key": "", "items": "0", "written": "0", "bytes": "0",
                          "store-bytes": "0", "failed": "0"})
-    why_not = _save_allowed(step)
-    if why_not is not None:
-        step.annotate("notice", f"not saving the cache: {why_not}")
-        step.summary += _table(f"incstore save `{name}`: skipped", [("why", why_not)])
-        return 0
-    state = _read_state(step)
-    if state is None and not step.s3:
-        step.annotate("warning", "not saving the cache: the restore action did not run in "
-                      "this job before the save (a save without it would replace the cache "
-                      "with a smaller one)")
+    state = step.read_state() if not step.s3 else {}
+    if state is None:
+        step.annotate("warning", "not saving the cache: what it holds could not be read "
+                      "first (a save without it could replace it with a smaller one)")
         return 0
     prefix = Path(step.get("PREFIX", "/"))
     store = Store(prefix, flavour)
@@ -397,9 +426,9 @@ def save(step: Step) -> int:
     key_file = step.get("SIGN_KEY_FILE")
     secret = signature.read_secret_key(key_file) if key_file else None
     plan = plan_save(db_path, prefix, cache, exclude_dbs=excludes,
-                     previous=previous_manifest(cache, name), carry_days=keep)
+                     previous=previous_manifest(cache, name), carry_days=keep, keep_days=keep)
     result = execute_save(plan, None, name=name, jobs=os.cpu_count() or 2, sign_key=secret)
-    gc = execute_gc(plan_gc(cache, keep_days=keep, max_bytes=budget,
+    gc = execute_gc(plan_gc(cache, keep_days=keep, max_bytes=_size(step),
                             grace_seconds=float(step.get("GRACE_SECONDS", "0"))))
     step.outputs.update({"items": str(len(result.manifest)), "written": str(len(result.written)),
                          "bytes": str(result.bytes_written), "failed": str(len(result.failed)),
@@ -410,176 +439,130 @@ def save(step: Step) -> int:
         ("kept from the last save (not in the store)", len(plan.carried)),
         ("failed", len(result.failed)), ("manifests dropped by gc", len(gc.dropped)),
         ("chunks swept", len(gc.swept)), ("chunk store bytes", f"{gc.plan.bytes_after:,}")]
+    if secret is None and step.env.get("GITHUB_EVENT_NAME", "").startswith("pull_request"):
+        rows.append(("signed", "no (no signing key: a pull request from a fork gets no "
+                     "secrets; restores that trust only your keys do not use these items)"))
     for e in result.failed[:50]:
         step.annotate("warning", f"not saved: {e}")
     if result.not_written is not None:
         step.annotate("warning", f"manifest {name} not written: {result.not_written}")
     if step.s3:
-        step.outputs["changed"] = "true" if result.written or gc.changed else "false"
         step.summary += _table(f"incstore save `{name}`", rows)
         return 0
-    assert state is not None
-    _write_state(step, {**state, "rows": rows})
-    return _stage_next(step, first=True)
-
-
-def _read_state(step: Step) -> dict[str, Any] | None:
-    try:
-        return dict(json.loads(step.state_file().read_bytes()))
-    except (OSError, ValueError):
-        return None
-
-
-def _snapshot_path(step: Step) -> Path:
-    return step.state_dir / f"{step.name}.snapshot"
-
-
-def _mirror_path(step: Step) -> Path:
-    return step.state_dir / f"{step.name}.restored"
-
-
-def _stage_next(step: Step, *, first: bool = False) -> int:
-    """Stage the next upload: the new generation's base when the restored generation's slots
-    are full (or there was none), else the next slot with what this save changed."""
-    state = _read_state(step)
-    assert state is not None
-    root = Path(step.cache)
-    change = delta(root, Snapshot.read(_snapshot_path(step)))
-    user = _user(step.env)
-    if not change:
-        state.update(done=True, attempt_key="")
-        _write_state(step, state)
-        return 0
-    generation, slots = state["generation"], int(state["slots"])
-    if first and (generation is None or slots >= SLOTS):
-        # a new generation. Its base is exactly the restored generation's content (nothing
-        # for the first one), so any save compacting now writes the same base and either may
-        # win; this save's own changes then go to the new generation's first slot
-        new = 0 if generation is None else generation + 1
-        mirror = _mirror_path(step)
-        files = [] if generation is None else sorted(Snapshot.take(mirror).files)
-        entry = Entry(base_key(step.key_prefix, new), "base", new, 0, new_nonce(), files, [])
-        staged = stage(mirror, step.xfer, entry)
-        if user:
-            give_to(step.xfer, *user)
-        state.update(generation=new, slots=0, base_key=entry.key,
-                     uploaded=int(state.get("uploaded", 0)) + staged)
-        _write_state(step, state)
-        step.outputs["base-key"] = entry.key
-        return 0
-    entry = Entry(slot_key(step.key_prefix, generation, slots + 1), "slot", generation,
-                  slots + 1, new_nonce(), change.changed, change.deleted)
-    staged = stage(root, step.xfer, entry)
-    if user:
-        give_to(step.xfer, *user)
-    state.update(attempt_key=entry.key, nonce=entry.nonce, attempt_bytes=staged)
-    _write_state(step, state)
-    step.outputs["key"] = entry.key
+    root = Path(cache)
+    restored = list(state.get("chain", []))
+    base = transfer.is_base_due(restored)
+    change = transfer.everything(root) if base else transfer.delta(
+        root, transfer.Snapshot.read(step.snapshot_file()))
+    state.update(rows=rows, content="", uploaded=0)
+    if change:
+        entry = transfer.Content(transfer.content_key(step.family, step.namespace,
+                                                      step.unique()),
+                                 "base" if base else "delta", restored, change.changed,
+                                 change.deleted)
+        state.update(content=entry.key, base=base,
+                     staged=transfer.stage_content(root, step.xfer, entry))
+        _hand_back(step)
+        step.outputs["content-key"] = entry.key
+    step.write_state(state)
     return 0
 
 
-def save_restage(step: Step) -> int:
-    """After the new base went up (its key read back: output `found` of a lookup), stage this
-    save's own changes for the new generation's first slot."""
-    state = _read_state(step)
-    if state is None or not state.get("base_key"):
+def save_index(step: Step) -> int:
+    """After the content entry's upload and a lookup of its key (`FOUND`)."""
+    state = step.read_state()
+    step.outputs.update({"index-key": "", "index-fallback": ""})
+    if not state or not state.get("content"):
         return 0
-    if step.get("FOUND") != state["base_key"]:
-        step.annotate("warning", "the cache did not take the new base entry; nothing of this "
-                      "save is uploaded (the next run tries again)")
-        state.update(done=True, attempt_key="")
-        _write_state(step, state)
+    if step.get("FOUND") != state["content"]:
+        step.annotate("warning", "the cache did not take this save's entry (a refused or "
+                      "held reservation, or a failed upload); the next save uploads its "
+                      "items again")
+        state["content"] = ""
+        step.write_state(state)
         return 0
-    return _stage_next(step)
+    state["uploaded"] = int(state.get("staged", 0))
+    step.write_state(state)
+    transfer.clear(step.xfer)
+    step.index_lookup()
+    return 0
 
 
-def save_check(step: Step) -> int:
-    """After the attempt's key was read back into the transfer directory."""
-    state = _read_state(step)
-    if state is None or not state.get("attempt_key"):
-        return 0
-    key, nonce = state["attempt_key"], state["nonce"]
-    root = Path(step.cache)
-    if owns(step.xfer, key, nonce):
-        clear(step.xfer)
-        state.update(slots=int(state["slots"]) + 1, done=True, uploaded_ok=True,
-                     uploaded=int(state.get("uploaded", 0)) + int(state["attempt_bytes"]),
-                     attempt_key="")
-        _write_state(step, state)
-        return 0
-    # another save took this slot (or our upload did not happen): take in what is there,
-    # keep it out of our own changes, and try the next slot
-    theirs = [e for e in entries_in(step.xfer) if e.key == key]
-    if theirs:
-        _merge_theirs(step, root, theirs[0])
-    clear(step.xfer)
-    state.update(slots=int(state["slots"]) + 1, attempt_key="")
-    _write_state(step, state)
-    if int(state["slots"]) >= SLOTS:
-        step.annotate("warning", "the cache's slots filled up while saving; the new items stay "
-                      "for the next run to save")
-        return 0
-    return _stage_next(step)
-
-
-def _merge_theirs(step: Step, root: Path, entry: Entry) -> None:
-    """Take another save's entry into the local chunk store: their files overlay ours, except
-    a named manifest both changed, which becomes the union of the two; the snapshot learns
-    their files, so that they are not uploaded again as ours."""
-    snapshot = Snapshot.read(_snapshot_path(step))
-    ours = set(delta(root, snapshot).changed)
-    for name in entry.files:
-        if name in ours and name.startswith("manifests/") and name.endswith(".json"):
-            _union_manifest(root / name, step.xfer, name)
-    _warn_refused(step, merge(step.xfer, root).problems)
-    now = Snapshot.take(root)
-    for name in entry.files:
-        if name in now.files and name not in ours:
-            snapshot.files[name] = now.files[name]
-    for name in entry.deleted:
-        snapshot.files.pop(name, None)
-    snapshot.write(_snapshot_path(step))
-
-
-def _union_manifest(ours_path: Path, xfer: Path, name: str) -> None:
-    """Two jobs saved the same manifest name at once: keep every item of both (theirs then
-    leaves the transfer directory, so that the merge does not overlay ours with it)."""
-    from incstore.manifest import Manifest, from_bytes, now_utc
-
-    source = TransferDir(xfer)
+def _newest(step: Step) -> transfer.Index | None:
+    key = step.get("NEWEST")
+    if not key:
+        return None
     try:
-        theirs_data = source.read(name, manifest.MAX_BYTES)
-    except (OSError, Refusal):
-        return
-    finally:
-        source.remove(name)
-    try:
-        ours = from_bytes(ours_path.read_bytes(), ours_path.name)
-        theirs = from_bytes(theirs_data, ours_path.name)
-    except (OSError, IncstoreError):
-        return
-    items = {i.path: i for i in theirs.items}
-    items.update({i.path: i for i in ours.items})
-    union = Manifest.from_items(ours.flavour, items.values(), created=now_utc(), name=ours.name,
-                                external=set(ours.external) | set(theirs.external))
-    union.write(ours_path)
+        return transfer.read_index(step.xfer, key)
+    except IncstoreError as e:
+        step.annotate("warning", f"the newest cache index is not usable: {e}")
+        return None
+
+
+def _stage_index(step: Step, state: dict[str, Any], newest: transfer.Index | None) -> int:
+    own = state["content"]
+    restored = list(state.get("chain", []))
+    chain = transfer.next_chain(restored, own, base=bool(state.get("base")),
+                                newest=newest.chain if newest is not None else ())
+    if chain is None:
+        step.annotate("warning", "the cache index would name more entries than a restore "
+                      "reads; this save's items are saved again by the next one")
+        return 0
+    index = transfer.Index(transfer.index_key(step.family, step.namespace, step.unique()),
+                           chain)
+    transfer.stage_index(step.xfer, index)
+    _hand_back(step)
+    state.setdefault("indexes", []).append(index.key)
+    state["chain_now"] = chain
+    step.write_state(state)
+    step.outputs["index"] = index.key
+    return 0
+
+
+def save_stage_index(step: Step) -> int:
+    """After the newest index (`NEWEST`) was restored: stage ours."""
+    state = step.read_state()
+    step.outputs["index"] = ""
+    if not state or not state.get("content") or not state.get("uploaded"):
+        return 0
+    newest = _newest(step)
+    if newest is not None and newest.key == state.get("index"):
+        newest = None  # the index this save restored: nothing it did not see
+    return _stage_index(step, state, newest)
+
+
+def save_recheck(step: Step) -> int:
+    """After our index went up, the newest index again (`NEWEST`): done if it is ours or
+    names our entry, else one more index naming both."""
+    state = step.read_state()
+    step.outputs["index"] = ""
+    if not state or not state.get("indexes"):
+        return 0
+    newest = _newest(step)
+    if newest is None or newest.key in state["indexes"] or state["content"] in newest.chain:
+        return 0
+    step.annotate("notice", f"another save's index ({newest.key}) came in meanwhile; "
+                  "writing one that names both")
+    current = [k for k in state.get("chain_now", []) if k != state["content"]]
+    return _stage_index(step, {**state, "base": False, "chain": current}, newest)
 
 
 def save_report(step: Step) -> int:
-    state = _read_state(step) or {}
+    if step.get("SAVING") != "true":  # skipped (save-on, save: false) or stopped early
+        step.outputs.update({"changed": "false", "upload-bytes": "0", "entries": ""})
+        return 0
+    state = step.read_state() or {}
     name = step.name
     uploaded = int(state.get("uploaded", 0))
-    changed = bool(state.get("uploaded_ok"))
+    changed = bool(state.get("content")) and bool(uploaded)
     step.outputs.update({"changed": "true" if changed else "false",
-                         "upload-bytes": str(uploaded),
-                         "generation": str(state.get("generation") or "")})
+                         "upload-bytes": str(uploaded if changed else 0),
+                         "entries": str(len(state.get("chain_now", state.get("chain", []))))})
     rows = [tuple(r) for r in state.get("rows", [])]
-    rows += [("uploaded", f"{uploaded:,} bytes" if changed else "nothing"),
-             ("cache generation", state.get("generation")),
-             ("slots used", state.get("slots"))]
-    if state.get("attempt_key"):
-        step.annotate("warning", "the cache did not take this save's entry (another job "
-                      "kept the slot, or the upload failed); the next run saves again")
+    rows += [("uploaded", f"{uploaded:,} bytes ({'a base' if state.get('base') else 'a delta'})"
+              if changed else "nothing"),
+             ("cache index", (state.get("indexes") or ["(unchanged)"])[-1]),
+             ("content entries named", len(state.get("chain_now", state.get("chain", []))))]
     step.summary += _table(f"incstore save `{name}`", rows)
     return 0
 
@@ -588,8 +571,9 @@ def save_report(step: Step) -> int:
 
 VERBS: dict[str, Callable[[Step], int]] = {
     "restore-prepare": restore_prepare, "restore-plan": restore_plan, "restore": restore,
-    "save": save, "save-restage": save_restage, "save-check": save_check,
-    "save-report": save_report,
+    "save-prepare": save_prepare, "save-catch-up": save_catch_up, "save": save,
+    "save-index": save_index, "save-stage-index": save_stage_index,
+    "save-recheck": save_recheck, "save-report": save_report,
 }
 
 
@@ -605,7 +589,7 @@ def main(argv: list[str], env: Mapping[str, str]) -> int:
         code = VERBS[verb](step)
     except InputError as e:
         step.annotate("error", str(e), f"incstore {verb}: invalid input")
-        code = 1
+        code = e.exit_code
     except IncstoreError as e:
         fail_on = env.get("INCSTORE_FAIL_ON", "never")
         code = _problem(step, e.exit_code, f"{verb}: {e}",

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
-from incstore import __version__, manifest
+from incstore import __version__, manifest, units
 from incstore.chunkstore import ChunkStore
 from incstore.errors import IncstoreError, StoreError
 
@@ -94,41 +94,11 @@ def cli() -> None:
 
 def _load_manifest(manifest_path: Path | None, name: str | None, cache: str, *,
                    signed: bool) -> tuple[manifest.Manifest, bytes, bytes | None]:
-    """The manifest, its exact bytes and its detached signature (None if there is none).
-    Unless the signature is wanted, the manifest is parsed as it is read and the bytes are
-    not kept (b"")."""
+    from incstore.restore import load_manifest
+
     if (manifest_path is None) == (name is None):
         raise click.UsageError("give exactly one of --manifest FILE and --name NAME")
-    chunks = ChunkStore(cache)
-    if not signed:
-        if manifest_path is not None:
-            return manifest.load(manifest_path), b"", None
-        assert name is not None
-        return chunks.load_manifest(name), b"", None
-    for _ in range(3):
-        # the signature is read on both sides of the manifest: a save replacing the two
-        # between our reads shows as a change, and the pair is read again
-        if manifest_path is not None:
-            sig = _read_sig(manifest_path.with_name(manifest_path.name + ".sig"))
-            data = manifest.read_file(manifest_path)
-            again = _read_sig(manifest_path.with_name(manifest_path.name + ".sig"))
-        else:
-            assert name is not None
-            sig = chunks.read_manifest_sig(name)
-            data = chunks.read_manifest(name)
-            again = chunks.read_manifest_sig(name)
-        if sig == again:
-            break
-    return manifest.from_bytes(data, str(manifest_path or name)), data, again
-
-
-def _read_sig(path: Path) -> bytes | None:
-    from incstore import regularfile
-
-    try:
-        return regularfile.read(path, 1 << 20)
-    except OSError:
-        return None
+    return load_manifest(cache, name=name, path=manifest_path, signed=signed)
 
 
 name_option = click.option(
@@ -257,7 +227,7 @@ def restore(manifest_path: Path | None, name: str | None, cache: str | None, pre
     if db_out and (in_place or db_mode != "auto"):
         raise click.UsageError("--db-out excludes --in-place and --db-mode")
     try:
-        age = trust.parse_duration(max_age) if max_age is not None else None
+        age = units.parse_duration(max_age) if max_age is not None else None
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--max-age") from None
     roots = trust.load_roots(trusted_keys, env=os.environ.get("INCSTORE_TRUSTED_KEYS"),

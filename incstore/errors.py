@@ -93,6 +93,11 @@ class MissingDependencyError(IncstoreError):
     summary = "a command needs an optional dependency that is not installed"
 
 
+class InputError(IncstoreError):
+    exit_code = 17
+    summary = "an action input is invalid (the action step fails before any work)"
+
+
 EXIT_CODES: dict[int, str] = {
     0: "success",
     1: "internal error (a bug: please report it)",
@@ -114,6 +119,7 @@ EXIT_CODES: dict[int, str] = {
             SignatureError,
             KeyFileError,
             MissingDependencyError,
+            InputError,
         )
     },
 }

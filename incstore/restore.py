@@ -34,7 +34,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 
-from incstore import atomicfile, db, faults, frame, links, mountns, nar
+from incstore import atomicfile, db, faults, frame, links, mountns, nar, regularfile
+from incstore import manifest as manifest_mod
 from incstore.backend import Reader
 from incstore.chunkstore import ChunkStore
 from incstore.errors import (
@@ -555,6 +556,41 @@ def _sweep_only(plan: RestorePlan) -> list[str]:
         if not any(name.startswith(TEMP_PREFIX) for name in sd.names()):
             return []
         return sd.sweep_temps()[0]
+
+
+def load_manifest(cache: str | Path, *, name: str | None = None, path: Path | None = None,
+                  signed: bool = False) -> tuple[Manifest, bytes, bytes | None]:
+    """The manifest to restore (named in the chunk store, or a file), its exact bytes and its
+    detached signature (None if there is none). Unless the signature is wanted, the manifest
+    is parsed as it is read and the bytes are not kept (b"")."""
+    chunks = ChunkStore(cache)
+    if not signed:
+        if path is not None:
+            return manifest_mod.load(path), b"", None
+        assert name is not None
+        return chunks.load_manifest(name), b"", None
+    for _ in range(3):
+        # the signature is read on both sides of the manifest: a save replacing the two
+        # between our reads shows as a change, and the pair is read again
+        if path is not None:
+            sig = _read_sig(path.with_name(path.name + ".sig"))
+            data = manifest_mod.read_file(path)
+            again = _read_sig(path.with_name(path.name + ".sig"))
+        else:
+            assert name is not None
+            sig = chunks.read_manifest_sig(name)
+            data = chunks.read_manifest(name)
+            again = chunks.read_manifest_sig(name)
+        if sig == again:
+            break
+    return manifest_mod.from_bytes(data, str(path or name)), data, again
+
+
+def _read_sig(path: Path) -> bytes | None:
+    try:
+        return regularfile.read(path, 1 << 20)
+    except OSError:
+        return None
 
 
 def _report_links(run: _Run, linker: links.Links) -> None:

@@ -104,6 +104,9 @@ class SavePlan:
     external: tuple[str, ...] = ()  # references left out by --exclude-db
     carried: tuple[Item, ...] = ()  # kept from `previous`: not in the store, chunk still held
     previous: Manifest | None = None
+    # how long an unchanged manifest, and an unchanged item's `seen`, are kept as they were
+    # (see `_record`): at most a day, less when gc keeps manifests for less
+    refresh: float = SEEN_REFRESH
 
     @property
     def to_write(self) -> list[db.PathInfo]:
@@ -132,12 +135,15 @@ def plan_save(
     previous: Manifest | None = None,
     carry_days: float = 0,
     now: float | None = None,
+    keep_days: float | None = None,
 ) -> SavePlan:
     """Plan a save of the valid paths of `db_path` (or the closure of `closure_of`), minus
     those valid in `exclude_dbs`. With `previous` (the last manifest of the same name) and
     `carry_days`, items it lists that the store no longer has are kept for that many days
     after they were last seen in a saved store, if their chunks are still held: a restore
-    that could not bring them back must not make the cache forget them."""
+    that could not bring them back must not make the cache forget them. With `keep_days`
+    (the gc policy that follows), an unchanged manifest is written anew at least four times
+    within that window, so that no gc drops a manifest still in use."""
     now = time.time() if now is None else now
     snapshot = db.read_snapshot(db_path)
     flavour = snapshot.flavour
@@ -196,8 +202,9 @@ def plan_save(
     kept = {i.path for i in infos} | {i.path for i in carried}
     external = tuple(sorted({r for i in infos for r in i.references if r not in kept}
                             | {r for i in carried for r in i.info.references if r not in kept}))
+    refresh = SEEN_REFRESH if keep_days is None else min(SEEN_REFRESH, keep_days * 86400 / 4)
     return SavePlan(flavour, target, cache, infos, keys, reused, external,
-                    tuple(carried), previous)
+                    tuple(carried), previous, refresh)
 
 
 def previous_manifest(cache: str | Path, name: str | None, manifest_path: Path | None = None
@@ -508,7 +515,7 @@ def _without_dependents(items: Iterable[Item], bad: set[str]) -> list[Item]:
     return [item for item in items if item.path not in dropped]
 
 
-def _record(chunks: ChunkStore, name: str, manifest: Manifest) -> bytes:
+def _record(chunks: ChunkStore, name: str, manifest: Manifest, refresh: float) -> bytes:
     """Record the manifest under its name. An unchanged one saved less than a day ago is
     written again byte for byte: its mtime moves on and the store's digest stays the same, so
     a CI job uploads nothing. Once a day an unchanged manifest is written anew, so that the
@@ -519,7 +526,7 @@ def _record(chunks: ChunkStore, name: str, manifest: Manifest) -> bytes:
         old = chunks.read_manifest(name)
         previous = from_bytes(old, name)
         if previous.same_content(manifest) and \
-                time.time() - saved_at(previous, 0) < SEEN_REFRESH:
+                time.time() - saved_at(previous, 0) < refresh:
             data = old
     chunks.write_manifest(name, data)
     return data
@@ -781,7 +788,7 @@ def _save(plan: SavePlan, chunks: ChunkStore, manifest_path: Path | None, name: 
         _sign_reused(plan, chunks, {p: refs[p] for p in reused if p in refs}, signer, jobs)
     upstream = _harvest(plan, chunks, refs, substitute_cache)
     now = int(time.time())
-    items = [Item(info, refs[info.path], _seen(plan.previous, info, now),
+    items = [Item(info, refs[info.path], _seen(plan.previous, info, now, plan.refresh),
                   signer.sigs(info) if signer else _db_sigs(info), info.path in upstream)
              for info in plan.items if info.path in refs] + list(plan.carried)
     items = _without_dependents(items, failed_paths)
@@ -799,7 +806,7 @@ def _save(plan: SavePlan, chunks: ChunkStore, manifest_path: Path | None, name: 
             atomicfile.write_bytes(manifest_path.with_name(manifest_path.name + ".sig"),
                                    trust.sign_manifest(signer.key, manifest_path.read_bytes()))
     if name is not None:
-        data = _record(chunks, name, manifest)
+        data = _record(chunks, name, manifest, plan.refresh)
         if signer is not None:
             chunks.write_manifest_sig(name, trust.sign_manifest(signer.key, data))
     return SaveResult(manifest, written, sorted(reused), failed,
@@ -824,13 +831,13 @@ def _why_not_written(previous: Manifest | None, manifest: Manifest, failed: set[
     return None
 
 
-def _seen(previous: Manifest | None, info: db.PathInfo, now: int) -> int:
+def _seen(previous: Manifest | None, info: db.PathInfo, now: int, refresh: float) -> int:
     """When the item was last seen in a saved store: now, except that a recent time from the
     previous manifest is kept, so that saving an unchanged store writes an unchanged manifest
     (and uploads nothing)."""
     n = previous.index(info.path) if previous is not None else None
     if previous is not None and n is not None and previous.nar_hash(n) == info.hash and \
-            now - previous.seen(n) < SEEN_REFRESH:
+            now - previous.seen(n) < refresh:
         return previous.seen(n)
     return now
 

@@ -1,29 +1,42 @@
-"""Transfer: how a local chunk store travels through an immutable key-value cache (GitHub's
-actions/cache) as a base entry plus small delta entries, uploading only what is new.
+"""Transfer: how a local chunk store travels through GitHub's cache (actions/cache) as content
+entries named by an index entry, uploading only what is new, correct whatever the cache
+service grants.
 
-A cache entry is a directory tree (the transfer directory) holding some of the chunk store's
-blobs under their own names plus one entry record, `.incstore-entries/<key>.json`:
+GitHub's cache refuses reservations (a 429 past ~200 uploads a minute, a quota, 5xx that
+outlast the client's retries) exactly as it refuses a key another job holds, keeps a
+cancelled job's reservation for up to a day, and shows an entry only once its upload is
+finalized. So no key is ever contended for, and a restore learns which entries exist only
+from an entry written after they were finalized:
 
-    {"format": "incstore-cache-entry", "version": 1, "kind": "base" | "slot",
-     "generation": G, "slot": S, "nonce": "...", "files": [...], "deleted": [...]}
+- every key is unique to one save (a UTC time stamp and a random part, fixed width, so no
+  key is a prefix of another);
+- a save uploads a **content entry** `F-c-NS-<unique>` (the chunk store's blobs it created or
+  changed since its restore, and the names gc deleted; or, every COMPACT_AT saves, all of
+  them: a base), looks its key up to see it finalized, and only then uploads an **index
+  entry** `F-i-NS-<unique>` naming the whole chain of content entries a restore needs;
+- a restore takes the newest index (`restore-keys` prefix `F-i-NS-`, then `F-i-` for any
+  namespace of the same family) and then each content entry of its chain by exact key.
 
-Keys, for a prefix P (the user's key prefix and the runner's OS):
-- `P-base-gGGGGGG`: generation G's base, the whole chunk store when it was compacted. A
-  restore takes the newest base (a prefix match on `P-base-`).
-- `P-gGGGGGG-sSS`: the S-th delta of generation G (S from 01 to SLOTS). Entries are
-  immutable, so a key is taken by the first writer: a save claims the next free slot by
-  saving under its key, then reads the entry back and compares its nonce; a save that lost
-  the race merges the winner's entry and tries the next slot. Concurrent saves (matrix jobs,
-  workflows pushed together) therefore never overwrite each other, and a restore reads the
-  slots in order until the first missing one.
-- When the slots of generation G are full, a save first writes generation G+1's base, which
-  holds exactly generation G's content (base and slots, minus what they deleted): two saves
-  compacting at once write identical bases, so either may win. Its own changes then go to
-  the new generation's first slot, as above.
+F is the family: the format version, the runner's OS and CPU architecture, and the store
+flavour (`FAMILY`); NS the user's namespace (the `key-prefix` input). Nothing else goes into
+a key: the chunk store is content-addressed, so a Guix upgrade needs no new key.
 
-A delta holds the blobs the save created or changed (chunks, narinfos, manifests and their
-signatures, upstream narinfos) and names the blobs it deleted (gc); a restore applies the
-entries in order. `manifests/pending/`, `quarantine/` and temporary files never travel.
+Each entry is a directory of the transfer directory named by its key, holding its blobs
+under their chunk-store names and a record: `<key>/record.json` for content,
+`<key>/index.json` for an index. Entries never overlay each other there.
+
+Invariant: every item of a finished save (one whose index was taken) is seen by every later
+restore in that scope until GitHub evicts its entries. A refused or held reservation costs
+that save's own upload only (nothing names an entry that was not finalized; the next save's
+delta, made against what it restored, carries the same blobs again). Two saves whose index
+uploads overlap can lose to each other: each save reads the newest index before writing its
+own and again after, and takes in any chain it did not see (`next_chain`), so only a save
+whose check ran while the other's index was still uploading loses; its content entry is then
+named by no index, and its next run, which restores without it, saves those items again.
+
+Two content entries of one chain that did not see each other (concurrent saves) are merged
+as siblings (`merge_chain`): a manifest both wrote becomes the union of the two, and one
+entry's gc deletions never remove what the other wrote.
 """
 
 from __future__ import annotations
@@ -34,39 +47,68 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from incstore import atomicfile
 from incstore.backend import LocalBackend, valid_name
-from incstore.errors import ChunkStoreError
-from incstore.xferdir import Refusal, TransferDir
+from incstore.errors import ChunkStoreError, IncstoreError
+from incstore.xferdir import MAX_RECORD_BYTES, Refusal, TransferDir
 
 FORMAT = "incstore-cache-entry"
-VERSION = 1
-ENTRY_DIR = ".incstore-entries"
-SLOTS = 16
-_NEVER = ("manifests/pending/", "quarantine/", ".incstore-entries/")
-_GEN_RE = re.compile(r"-base-g([0-9]{6})$")
+INDEX_FORMAT = "incstore-cache-index"
+VERSION = 2
+RECORD = "record.json"
+INDEX = "index.json"
+MAX_CHAIN = 20  # content entries a restore reads: the actions' restore steps
+COMPACT_AT = 12  # a save that restored this many content entries uploads a base instead
+_NEVER = ("manifests/pending/", "quarantine/")
+_KEY_RE = re.compile(r"[A-Za-z0-9._+-]+-[ci]-[A-Za-z0-9._+-]+-[0-9]{14}-[0-9a-f]{12}")
+_PART_RE = re.compile(r"[A-Za-z0-9._+]+")
+_NS_RE = re.compile(r"[A-Za-z0-9._+-]{1,100}")
 
 
-def base_key(prefix: str, generation: int) -> str:
-    return f"{prefix}-base-g{generation:06d}"
+def family(os_name: str, arch: str, flavour: str) -> str:
+    """The part of every key that must change when entries become unusable to a reader: the
+    entry format, the OS and CPU architecture (store items are binaries) and the flavour
+    (the store directory)."""
+    parts = [os_name.lower(), arch.lower(), flavour]
+    if not all(_PART_RE.fullmatch(p) for p in parts):
+        raise ValueError(f"not a key component: {parts}")
+    return f"incstore-x{VERSION}-" + "-".join(parts)
 
 
-def slot_key(prefix: str, generation: int, slot: int) -> str:
-    return f"{prefix}-g{generation:06d}-s{slot:02d}"
+def check_namespace(ns: str) -> str:
+    if not _NS_RE.fullmatch(ns):
+        raise ValueError(f"key-prefix: letters, digits and . _ + - only, not {ns!r}")
+    return ns
 
 
-def slot_prefix(prefix: str, generation: int) -> str:
-    return f"{prefix}-g{generation:06d}-s"
+def unique(seed: str, now: float | None = None) -> str:
+    """A key suffix no other save makes: the UTC time (so that keys sort by age too) and 48
+    random bits mixed with `seed` (the run, attempt and job)."""
+    stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(time.time() if now is None else now))
+    return f"{stamp}-{hashlib.sha256(seed.encode() + os.urandom(16)).hexdigest()[:12]}"
 
 
-def generation_of(key: str) -> int | None:
-    m = _GEN_RE.search(key)
-    return int(m.group(1)) if m else None
+def content_key(fam: str, ns: str, suffix: str) -> str:
+    return f"{fam}-c-{ns}-{suffix}"
+
+
+def index_key(fam: str, ns: str, suffix: str) -> str:
+    return f"{fam}-i-{ns}-{suffix}"
+
+
+def index_lookup(fam: str, ns: str) -> tuple[str, str]:
+    """The index lookup: (primary key prefix, restore-keys fallback prefix)."""
+    return f"{fam}-i-{ns}-", f"{fam}-i-"
+
+
+def is_key(text: str) -> bool:
+    return bool(_KEY_RE.fullmatch(text)) and len(text) <= 512
 
 
 def travels(name: str) -> bool:
@@ -146,101 +188,241 @@ def delta(root: Path, since: Snapshot) -> Delta:
     return Delta(changed, deleted, sum(now[n].st_size for n in changed))
 
 
+def everything(root: Path) -> Delta:
+    """The whole chunk store, as a base entry carries it."""
+    now = dict(_walk(root))
+    return Delta(sorted(now), [], sum(st.st_size for st in now.values()))
+
+
+# records --------------------------------------------------------------------------------
+
+
+def _strings(value: Any, what: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{what} is not a list of strings")
+    return value
+
+
 @dataclass
-class Entry:
-    """One cache entry's record."""
+class Content:
+    """A content entry's record: its blobs, the names it deleted, and the chain of content
+    entries the save that made it had restored (its `parents`: what it saw)."""
 
     key: str
-    kind: str
-    generation: int
-    slot: int
-    nonce: str
+    kind: str  # "base" (every blob of the chunk store) or "delta"
+    parents: list[str]
     files: list[str]
     deleted: list[str]
 
     def to_json(self) -> dict[str, Any]:
         return {"format": FORMAT, "version": VERSION, "key": self.key, "kind": self.kind,
-                "generation": self.generation, "slot": self.slot, "nonce": self.nonce,
-                "files": self.files, "deleted": self.deleted}
+                "parents": self.parents, "files": self.files, "deleted": self.deleted}
 
     @classmethod
-    def parse(cls, data: bytes) -> Entry:
+    def parse(cls, data: bytes, key: str) -> Content:
         try:
             doc = json.loads(data)
-            if doc.get("format") != FORMAT or doc.get("version") != VERSION:
-                raise ValueError("not an incstore cache entry of this version")
-            entry = cls(str(doc["key"]), str(doc["kind"]), int(doc["generation"]),
-                        int(doc["slot"]), str(doc["nonce"]),
-                        [str(n) for n in doc["files"]], [str(n) for n in doc["deleted"]])
+            if not isinstance(doc, dict) or doc.get("format") != FORMAT or \
+                    doc.get("version") != VERSION:
+                raise ValueError("not an incstore content entry of this version")
+            entry = cls(doc["key"], doc["kind"], _strings(doc["parents"], "parents"),
+                        _strings(doc["files"], "files"), _strings(doc["deleted"], "deleted"))
         except (ValueError, KeyError, TypeError, RecursionError) as e:
-            raise ChunkStoreError(f"unreadable cache entry record: {e}") from None
-        if entry.kind not in ("base", "slot") or not all(
-                travels(n) for n in entry.files + entry.deleted):
-            raise ChunkStoreError("cache entry record names a blob that cannot travel",
-                                  item=entry.key)
+            raise ChunkStoreError(f"unreadable content entry record: {e}", item=key) from None
+        if entry.key != key or entry.kind not in ("base", "delta") or \
+                not all(is_key(k) for k in entry.parents) or \
+                not all(travels(n) for n in entry.files + entry.deleted):
+            raise ChunkStoreError("content entry record does not hold to the format",
+                                  item=key)
         return entry
 
 
-def read_entries(xfer: Path) -> tuple[list[Entry], list[str]]:
-    """The records of the entries restored into the transfer directory, in order (base,
-    then slots), and the problems of those refused: a record that is not a bounded regular
-    file under its key's name, or does not parse, is left out (its files are then not
-    trusted to overlay anything)."""
-    raw, problems = TransferDir(xfer).records(ENTRY_DIR)
-    found = []
-    for key, data in raw.items():
+@dataclass
+class Index:
+    """An index entry's record: the content entries a restore reads, oldest first."""
+
+    key: str
+    chain: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": INDEX_FORMAT, "version": VERSION, "key": self.key,
+                "chain": self.chain}
+
+    @classmethod
+    def parse(cls, data: bytes, key: str) -> Index:
         try:
-            entry = Entry.parse(data)
-        except ChunkStoreError as e:
-            problems.append(f"{ENTRY_DIR}/{key}.json: {e}")
-            continue
-        if entry.key != key:
-            problems.append(f"{ENTRY_DIR}/{key}.json: records the key {entry.key!r}")
-            continue
-        found.append(entry)
-    return sorted(found, key=lambda e: (e.generation, e.kind != "base", e.slot)), problems
+            doc = json.loads(data)
+            if not isinstance(doc, dict) or doc.get("format") != INDEX_FORMAT or \
+                    doc.get("version") != VERSION:
+                raise ValueError("not an incstore cache index of this version")
+            index = cls(doc["key"], _strings(doc["chain"], "chain"))
+        except (ValueError, KeyError, TypeError, RecursionError) as e:
+            raise ChunkStoreError(f"unreadable cache index: {e}", item=key) from None
+        if index.key != key or not all(is_key(k) for k in index.chain) or \
+                len(index.chain) > MAX_CHAIN or len(set(index.chain)) != len(index.chain):
+            raise ChunkStoreError("cache index does not hold to the format", item=key)
+        return index
 
 
-def entries_in(xfer: Path) -> list[Entry]:
-    return read_entries(xfer)[0]
+def _record(xfer: Path, key: str, name: str, missing: str) -> bytes:
+    """The record `name` of the entry restored into the transfer directory under `key`,
+    as bounded bytes (ChunkStoreError, saying `missing`, if it is not there)."""
+    if not is_key(key):
+        raise ChunkStoreError("not a cache entry key", item=key)
+    try:
+        return TransferDir(xfer).read(f"{key}/{name}", MAX_RECORD_BYTES)
+    except FileNotFoundError:
+        raise ChunkStoreError(missing, item=key) from None
+    except Refusal as e:
+        raise ChunkStoreError(str(e), item=key) from None
+
+
+def read_index(xfer: Path, key: str) -> Index:
+    return Index.parse(_record(xfer, key, INDEX, "the cache entry holds no index"), key)
+
+
+def read_content(xfer: Path, key: str) -> Content:
+    return Content.parse(_record(xfer, key, RECORD, "not restored (missing or evicted)"), key)
+
+
+# policy ---------------------------------------------------------------------------------
+
+
+def is_base_due(restored: list[str]) -> bool:
+    """Whether the next upload is a base: when nothing was restored, or the chain is long."""
+    return not restored or len(restored) >= COMPACT_AT
+
+
+def next_chain(restored: list[str], own: str, *, base: bool,
+               newest: Iterable[str] = ()) -> list[str] | None:
+    """The chain an index names after this save: what it restored (or, for a base, only the
+    base, which holds it all) and its own entry, then whatever the newest index names that
+    this save did not see (a concurrent save's entries). None if that is longer than a
+    restore reads (this save then loses; see the module docstring)."""
+    ours = [own] if base else [*restored, own]
+    chain = ours + [k for k in newest if k not in ours and k not in restored]
+    return chain if len(chain) <= MAX_CHAIN else None
+
+
+# merging --------------------------------------------------------------------------------
 
 
 @dataclass
 class Merged:
-    """What `merge` applied, and what it refused (each refusal a warning: a cache miss)."""
+    """What `merge_chain` applied, what it could not read, and what it refused (each a
+    warning: a cache miss for what it held)."""
 
-    entries: list[Entry]
+    applied: list[str]
+    missing: list[str]
     problems: list[str]
+    unions: list[str] = field(default_factory=list)  # manifests two siblings wrote
 
 
-def merge(xfer: Path, root: Path, *, generation: int | None = None) -> Merged:
-    """Apply the entries restored into `xfer` to the chunk store at `root`: each entry's
-    files overlay, its deletions apply, in entry order (only entries of `generation`, when
-    given). Only regular files inside the transfer directory move (see `xferdir`). The
-    transfer directory is emptied."""
-    found, problems = read_entries(xfer)
-    entries = [e for e in found if generation is None or e.generation == generation]
+def _is_manifest(name: str) -> bool:
+    return name.startswith("manifests/") and name.endswith(".json") and name.count("/") == 1
+
+
+def merge_chain(xfer: Path, root: Path, chain: list[str]) -> Merged:
+    """Apply the content entries of `chain` restored into `xfer` to the chunk store at
+    `root`, oldest first: each blob from the last entry that wrote it, each deletion unless
+    a sibling (an entry the deleting save had not seen) wrote the name, and a manifest two
+    siblings wrote as the union of their items. The transfer directory is emptied."""
+    records: dict[str, Content] = {}
+    missing: list[str] = []
+    problems: list[str] = []
+    for key in chain:
+        try:
+            records[key] = read_content(xfer, key)
+        except ChunkStoreError as e:
+            missing.append(key)
+            if "missing or evicted" not in str(e):
+                problems.append(str(e))
+    writer: dict[str, str] = {}
     present: dict[str, bool] = {}
-    for entry in entries:
-        present.update({n: False for n in entry.deleted})
-        present.update({n: True for n in entry.files})
+    siblings: dict[str, list[str]] = {}
+    for key in (k for k in chain if k in records):
+        entry = records[key]
+        seen = set(entry.parents)
+        for name in entry.deleted:
+            if writer.get(name, key) in seen or name not in writer:
+                present[name] = False
+                writer[name] = key
+        for name in entry.files:
+            before = writer.get(name)
+            if _is_manifest(name) and present.get(name) and before is not None and \
+                    before not in seen:
+                siblings.setdefault(name, []).append(before)
+            present[name] = True
+            writer[name] = key
     source = TransferDir(xfer)
     chunks = LocalBackend(root)
     try:
         for name, keep in sorted(present.items()):
             try:
                 if keep:
-                    source.move_into(name, chunks)
+                    source.move_into(f"{writer[name]}/{name}", chunks, name)
                 else:
                     chunks.delete(name)
             except (Refusal, ChunkStoreError) as e:
                 problems.append(str(e))
             except OSError as e:
                 problems.append(f"{name}: {e.strerror or e}")
+        unions = []
+        for name, others in sorted(siblings.items()):
+            if union_manifest(chunks, name, [_sibling(source, f"{k}/{name}") for k in others]):
+                unions.append(name)
     finally:
         chunks.close()
     clear(xfer)
-    return Merged(entries, problems)
+    return Merged([k for k in chain if k in records], missing, problems, unions)
+
+
+def _sibling(source: TransferDir, name: str) -> bytes | None:
+    from incstore.manifest import MAX_BYTES
+
+    try:
+        return source.read(name, MAX_BYTES)
+    except (OSError, Refusal):
+        return None
+
+
+def union_manifest(chunks: LocalBackend, name: str, others: list[bytes | None]) -> bool:
+    """Make the manifest `name` of the chunk store hold every item of `others` too (the
+    versions concurrent saves wrote; the chunk store's own wins for an item both list).
+    Its detached signature no longer covers it and goes (a restore then relies on the
+    items' own signatures, and the next signed save signs it again)."""
+    from incstore.manifest import Manifest, from_bytes, now_utc
+
+    label = name.removeprefix("manifests/").removesuffix(".json")
+    try:
+        ours = from_bytes(chunks.read(name), label)
+    except (OSError, IncstoreError):
+        return False
+    items = {}
+    external = set(ours.external)
+    for data in others:
+        if data is None:
+            continue
+        try:
+            theirs = from_bytes(data, label)
+        except IncstoreError:
+            continue
+        if theirs.flavour.name != ours.flavour.name:
+            continue
+        items.update({i.path: i for i in theirs.items})
+        external |= set(theirs.external)
+    if not set(items) - set(ours.paths):
+        return False
+    items.update({i.path: i for i in ours.items})
+    external -= set(items)
+    union = Manifest.from_items(ours.flavour, items.values(), created=now_utc(),
+                                name=ours.name, external=external)
+    chunks.write(name, union.to_bytes())
+    chunks.delete(name + ".sig")
+    return True
+
+
+# the transfer directory's own writes -------------------------------------------------------
 
 
 def clear(xfer: Path) -> None:
@@ -248,43 +430,29 @@ def clear(xfer: Path) -> None:
     TransferDir(xfer).clear()
 
 
-def stage(root: Path, xfer: Path, entry: Entry) -> int:
+def stage_content(root: Path, xfer: Path, entry: Content) -> int:
     """Put `entry`'s files (hard links, or copies across file systems) and record into the
-    empty transfer directory; return the bytes staged."""
+    empty transfer directory, under the entry's key; return the bytes staged."""
     clear(xfer)
+    top = xfer / entry.key
     total = 0
     for name in entry.files:
-        src, dst = root / name, xfer / name
+        src, dst = root / name, top / name
         dst.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.link(src, dst, follow_symlinks=False)
         except OSError:
-            shutil.copyfile(src, dst)
+            shutil.copyfile(src, dst, follow_symlinks=False)
         total += dst.stat().st_size
-    record = xfer / ENTRY_DIR / f"{entry.key}.json"
-    record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(entry.to_json(), sort_keys=True))
+    top.mkdir(parents=True, exist_ok=True)
+    (top / RECORD).write_text(json.dumps(entry.to_json(), sort_keys=True))
     return total
 
 
-def mirror(root: Path, dest: Path) -> None:
-    """Keep the chunk store's current content at `dest` as hard links (copies across file
-    systems): every later write in the chunk store is a new file renamed into place, so the
-    mirror keeps what was there."""
-    if dest.exists():
-        shutil.rmtree(dest)
-    for name, _ in _walk(root):
-        target = dest / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(root / name, target, follow_symlinks=False)
-        except OSError:
-            shutil.copyfile(root / name, target)
-
-
-def owns(xfer: Path, key: str, nonce: str) -> bool:
-    """Whether the entry restored into `xfer` under `key` is the one with our nonce."""
-    return any(e.key == key and e.nonce == nonce for e in entries_in(xfer))
+def stage_index(xfer: Path, index: Index) -> None:
+    clear(xfer)
+    (xfer / index.key).mkdir(parents=True)
+    (xfer / index.key / INDEX).write_text(json.dumps(index.to_json(), sort_keys=True))
 
 
 def give_to(xfer: Path, uid: int, gid: int) -> None:
@@ -294,8 +462,3 @@ def give_to(xfer: Path, uid: int, gid: int) -> None:
             with contextlib.suppress(FileNotFoundError):
                 os.lchown(os.path.join(dirpath, name), uid, gid)
     os.lchown(xfer, uid, gid)
-
-
-def new_nonce() -> str:
-    return hashlib.sha256(os.urandom(32)).hexdigest()[:24]
-

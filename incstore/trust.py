@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -42,16 +41,6 @@ if TYPE_CHECKING:  # the signature module (and its curve tables) loads only when
 STATEMENT = b"incstore-manifest-signature-v1\n"
 MAX_SIG_LINES = 16
 DEFAULT_GUIX_ACL = Path("/etc/guix/acl")
-_DURATION_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)([smhdw]?)")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
-
-def parse_duration(text: str) -> float:
-    """`90`, `90s`, `15m`, `12h`, `30d`, `2w` to seconds."""
-    m = _DURATION_RE.fullmatch(text.strip())
-    if m is None:
-        raise ValueError(f"not a duration: {text!r} (e.g. 3600, 12h, 30d)")
-    return float(m.group(1)) * _UNITS[m.group(2)]
 
 
 def describe(key: PublicKey) -> str:

@@ -7,8 +7,8 @@ chunk store and more strictly:
   `manifests` never makes a move reach a file outside the directory;
 - only regular files are read or moved, opened with O_NONBLOCK (a FIFO at a record's name
   never hangs the step) and read no further than a size FORMAT.md states;
-- names are checked before use (blob names as the chunk store has them, record names as the
-  keys that name cache entries);
+- names are checked before use (an entry's key, then blob names as the chunk store has
+  them);
 - a move renames a directory entry of this tree into the chunk store's own directory
   descriptors (copies across file systems), and what arrives is checked to be a regular file.
 
@@ -21,9 +21,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import re
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 from incstore.backend import LocalBackend, valid_name
@@ -31,9 +29,7 @@ from incstore.dirfd import NOFOLLOW_DIR as _DIR
 from incstore.dirfd import descend
 
 MAX_RECORD_BYTES = 64 << 20  # an entry record: a 200,000-item base lists ~30 MB of names
-MAX_RECORDS = 1024  # records read from one transfer directory
-MAX_DEPTH = 4  # blob names nest at most `manifests/pending/x`: deeper trees are not walked
-RECORD_RE = re.compile(r"[A-Za-z0-9._+-]{1,255}\.json")
+MAX_DEPTH = 4  # names nest at most `<entry key>/guix/<key>.narinfo`
 _FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
@@ -84,75 +80,12 @@ class TransferDir:
         finally:
             os.close(parent)
 
-    def records(self, directory: str) -> tuple[dict[str, bytes], list[str]]:
-        """The records in `directory` (`<key>.json`: key -> bytes) and the problems of those
-        refused."""
-        found: dict[str, bytes] = {}
-        problems: list[str] = []
-        try:
-            parent = self._dir(directory.split("/"), directory)
-        except FileNotFoundError:
-            return found, problems
-        except Refusal as e:
-            return found, [str(e)]
-        try:
-            with os.scandir(parent) as entries:
-                names = sorted(e.name for e in entries)
-            if len(names) > MAX_RECORDS:
-                problems.append(f"{directory}: {len(names)} entries, only the first "
-                                f"{MAX_RECORDS} read")
-            for name in names[:MAX_RECORDS]:
-                if not RECORD_RE.fullmatch(name):
-                    problems.append(f"{directory}/{name!r} is not a record name")
-                    continue
-                try:
-                    found[name.removesuffix(".json")] = _read_at(
-                        parent, name, MAX_RECORD_BYTES, f"{directory}/{name}")
-                except FileNotFoundError:
-                    continue
-                except Refusal as e:
-                    problems.append(str(e))
-        finally:
-            os.close(parent)
-        return found, problems
-
-    def files(self) -> Iterator[tuple[str, os.stat_result]]:
-        """Every regular file with a blob name, walked by descriptors (nothing followed, at
-        most MAX_DEPTH levels)."""
-        try:
-            root = self._root()
-        except (FileNotFoundError, Refusal):
-            return
-        stack: list[tuple[int, str]] = [(root, "")]
-        try:
-            while stack:
-                fd, rel = stack.pop()
-                try:
-                    with os.scandir(fd) as entries:
-                        listing = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
-                    for name, is_dir in listing:
-                        blob = f"{rel}/{name}" if rel else name
-                        if not valid_name(blob):
-                            continue
-                        if is_dir:
-                            if blob.count("/") + 1 < MAX_DEPTH:
-                                with contextlib.suppress(OSError):
-                                    stack.append((os.open(name, _DIR, dir_fd=fd), blob))
-                            continue
-                        with contextlib.suppress(FileNotFoundError):
-                            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                            if stat.S_ISREG(st.st_mode):
-                                yield blob, st
-                finally:
-                    os.close(fd)
-        finally:
-            for fd, _ in stack:
-                os.close(fd)
-
     # moving -----------------------------------------------------------------------------
-    def move_into(self, name: str, chunks: LocalBackend) -> bool:
-        """Move regular file `name` to the same name in the chunk store, replacing what is
-        there. False when it is absent; Refusal when it is not a regular file."""
+    def move_into(self, name: str, chunks: LocalBackend, dest: str | None = None) -> bool:
+        """Move regular file `name` to `dest` (by default the same name) in the chunk store,
+        replacing what is there. False when it is absent; Refusal when it is not a regular
+        file."""
+        dest = name if dest is None else dest
         parent, base = self._parent(name)
         try:
             try:
@@ -161,13 +94,13 @@ class TransferDir:
                 return False
             if not stat.S_ISREG(st.st_mode):
                 raise Refusal(f"{name} is not a regular file")
-            dst_dir, dst_base = chunks.blob_dir(name)
+            dst_dir, dst_base = chunks.blob_dir(dest)
             try:
                 os.rename(base, dst_base, src_dir_fd=parent, dst_dir_fd=dst_dir)
             except OSError as e:
                 if e.errno != errno.EXDEV:
                     raise
-                _copy_across(parent, base, chunks, name)
+                _copy_across(parent, base, chunks, dest)
                 return True
             # what was renamed is whatever sat at the name then: if someone swapped it, the
             # swapped thing leaves again

@@ -36,13 +36,20 @@ def fake_signature(data: bytes) -> str:
 
 GUIX = f'''#!{VENV}/bin/python
 """Fake guix: `build NAME...` makes a few items per NAME in the store and registers them in
-the live DB as a daemon session would; the rest only pretends."""
+the live DB as a daemon session would; `shell [--pure] [--no-grafts] NAME... -- CMD...` does
+the same and then runs CMD; the rest only pretends."""
 import fcntl, hashlib, os, sys
 from pathlib import Path
 args = sys.argv[1:]
+command = []
+if args[:1] == ["shell"]:
+    if "--" in args:
+        command = args[args.index("--") + 1:]
+        args = args[:args.index("--")]
+    args = ["build", *args[1:]]
 if args[:1] == ["build"]:
     if os.geteuid() != 0:  # the daemon does the work, as root
-        os.execvp("sudo", ["sudo", "-n", "--preserve-env", sys.argv[0], *args])
+        os.execvp("sudo", ["sudo", "-n", "--preserve-env", sys.argv[0], *sys.argv[1:]])
     from incstore import db, mountns, nar
     from incstore.storepath import nix32_encode
     store = Path("/gnu/store")
@@ -79,8 +86,11 @@ if args[:1] == ["build"]:
                                          None, tuple(sorted(previous))))
                 valid.add(path)
             previous = [path]
-        print(previous[0])
+        if not command:
+            print(previous[0])
     db.register_in_place(db_path, db.GUIX, infos)
+    if command:
+        os.execvp(command[0], command)
 elif args[:2] == ["archive", "--authorize"]:
     os.makedirs("/etc/guix", exist_ok=True)
     with open("/etc/guix/acl", "a") as f:

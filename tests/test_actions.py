@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,7 +103,7 @@ class World:
                              run_id=1000 + self.runs, **kw)
         return result.job
 
-    def keys(self) -> list[str]:
+    def cache_keys(self) -> list[str]:
         return sorted(e.key for e in self.gh.cache.entries if "incstore-wheels" not in e.key)
 
     def entry_sizes(self) -> dict[str, int]:
@@ -129,6 +130,11 @@ def world(tmp_path: Path, machine_venv: Path, mirror: Path) -> Iterator[World]:
                 source=ROOT, isolated=ISOLATED, image_env=env) as gh:
         gh.actions["PromyLOPh/guix-install-action"] = guix_install_action(tmp_path / "gia")
         yield World(gh, mirror, tmp_path)
+
+
+def kind(key: str) -> str:
+    """An incstore cache key's kind: c (content) or i (index)."""
+    return key.removeprefix("incstore-x2-linux-x64-guix-")[0]
 
 
 def store_items(job: JobResult) -> set[str]:
@@ -158,8 +164,10 @@ def test_first_run_then_a_second_that_uploads_nothing(world: World) -> None:
     assert first.success, first.log
     assert outputs(first, "restore")["hit"] == "false"
     assert outputs(first, "save")["changed"] == "true", first.log
-    keys = world.keys()
-    assert any("-base-g000000" in k for k in keys) and any("-g000000-s01" in k for k in keys)
+    keys = world.cache_keys()
+    # one content entry (the first is a base) and the index that names it
+    assert [kind(k) for k in keys] == ["c", "i"], keys
+    assert all(k.startswith("incstore-x2-linux-x64-guix-") for k in keys), keys
     built = valid_paths(first)
     second = world.run()
     assert second.success, second.log
@@ -167,7 +175,7 @@ def test_first_run_then_a_second_that_uploads_nothing(world: World) -> None:
     assert restore["hit"] == "true" and int(restore["restored"]) > 0, second.log
     assert valid_paths(second) >= {p for p in built if "hello" in p}
     assert outputs(second, "save")["changed"] == "false", second.log
-    assert world.keys() == keys  # nothing uploaded
+    assert world.cache_keys() == keys  # nothing uploaded
 
 
 # workflows ----------------------------------------------------------------------------
@@ -201,18 +209,39 @@ def manifest_paths(job: JobResult, name: str = "guix-interop") -> set[str]:
     return {item[0] for item in json.loads(text)["items"]} if text else set()
 
 
-def test_pull_requests_read_the_cache_and_never_write_it(world: World) -> None:
+def test_pull_requests_cache_in_their_own_scope(world: World) -> None:
+    """A PR's first run starts from the default branch's cache and saves into the PR's own
+    scope; its re-run and its next push start warm; nothing of it reaches the default
+    branch. A fork's PR (no secrets, so no signing key) does the same. `save-on:
+    default-branch` still keeps PRs and branches from saving."""
     assert world.run().success
-    before = world.keys()
-    pr = world.run(workflow(build="hello pr-only"), event=Event.pull_request(7, base="main"))
-    assert pr.success, pr.log
-    assert outputs(pr, "restore")["hit"] == "true"
-    assert outputs(pr, "save")["changed"] == "false"
-    assert any("pull requests read the cache" in n for n in annotations(pr, "notice"))
-    assert world.keys() == before
-    branch = world.run(workflow(build="hello branch-only"), event=Event.push("feature"))
-    assert branch.success and outputs(branch, "save")["changed"] == "false"
-    assert world.keys() == before
+    on_main = world.cache_keys()
+    pr = Event.pull_request(7, base="main")
+    first = world.run(workflow(build="hello pr-only"), event=pr)
+    assert first.success, first.log
+    assert outputs(first, "restore")["hit"] == "true"
+    assert outputs(first, "save")["changed"] == "true", first.log
+    scopes = {e.key: e.scope for e in world.gh.cache.entries}
+    assert {scopes[k] for k in world.cache_keys() if k not in on_main} == {"refs/pull/7/merge"}
+    pr_items = {p for p in valid_paths(first) if "pr-only" in p}
+    for again in (pr, Event.pull_request(7, base="main", sha="f" * 40)):  # re-run, new push
+        warm = world.run(workflow(build="hello pr-only"), event=again)
+        assert warm.success, warm.log
+        assert int(outputs(warm, "restore")["restored"]) >= len(pr_items), warm.log
+        assert outputs(warm, "save")["changed"] == "false", warm.log
+    main = world.run(workflow(build="hello"))
+    assert not {p for p in valid_paths(main) if "pr-only" in p}  # the PR's scope stays its own
+    fork = world.run(workflow(build="hello fork-only",
+                              save={"signing-key": "${{ secrets.INCSTORE_SIGNING_KEY }}"}),
+                     event=Event.pull_request(8, base="main"))
+    assert fork.success and outputs(fork, "save")["changed"] == "true", fork.log
+    assert "a pull request from a fork gets no secrets" in fork.summary
+    before = world.cache_keys()
+    for event in (Event.pull_request(9, base="main"), Event.push("feature")):
+        held = world.run(workflow(build="hello x", save={"save-on": "default-branch"}),
+                         event=event)
+        assert held.success and outputs(held, "save")["changed"] == "false", held.log
+    assert world.cache_keys() == before
 
 
 def test_a_corrupt_chunk_is_a_warning_and_the_next_run_heals_it(world: World) -> None:
@@ -246,29 +275,41 @@ def test_a_missing_chunk_is_a_warning_and_the_next_run_heals_it(world: World) ->
     assert healed.success and outputs(healed, "restore")["failed"] == "0", healed.log
 
 
+def newest_index(world: World, scope: str = "refs/heads/main") -> tuple[str, list[str]]:
+    """The newest cache index of a scope, read from the service's own archive."""
+    entry = max((e for e in world.gh.cache.entries if kind(e.key) == "i" and e.scope == scope),
+                key=lambda e: (e.created_at, e.seq))
+    text = subprocess.run(["tar", "--zstd", "-xOf", str(entry.blob), "--wildcards",
+                           "*/index.json"], capture_output=True, text=True, check=True).stdout
+    return entry.key, json.loads(text)["chain"]
+
+
 def _plant(world: World, files: dict[str, bytes], deleted: list[str]) -> None:
-    """What a job with write access to the cache could do: save the next slot with content
-    of its choosing (here: junk under a chunk's name, or a deletion)."""
-    keys = world.keys()
-    generation = max(int(re.search(r"-g(\d{6})-s", k).group(1)) for k in keys if "-s" in k)  # type: ignore[union-attr]
-    prefix = next(k for k in keys if "-base-" in k).split("-base-")[0]
-    slot = 1 + max(int(k[-2:]) for k in keys if f"-g{generation:06d}-s" in k)
-    key = f"{prefix}-g{generation:06d}-s{slot:02d}"
-    entry = {"format": "incstore-cache-entry", "version": 1, "key": key, "kind": "slot",
-             "generation": generation, "slot": slot, "nonce": "attacker", "files": sorted(files),
-             "deleted": deleted}
-    script = ["set -e", 'x="$RUNNER_TEMP/incstore-xfer"',
-              'mkdir -p "$x/.incstore-entries" "$x/nar"',
-              f"printf '%s' {shlex_quote(json.dumps(entry))} > \"$x/.incstore-entries/{key}.json\""]
+    """What a job with write access to the cache could do: save a content entry of its
+    choosing (junk under a chunk's name, or a deletion) and an index naming it last."""
+    family = "incstore-x2-linux-x64-guix"
+    stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(time.time() + 5))
+    content, index = (f"{family}-{k}-incstore-{stamp}-{'a' * 11}{n}" for n, k in enumerate("ci"))
+    _, chain = newest_index(world)
+    record = {"format": "incstore-cache-entry", "version": 2, "key": content, "kind": "delta",
+              "parents": chain, "files": sorted(files), "deleted": deleted}
+    index_record = {"format": "incstore-cache-index", "version": 2, "key": index,
+                    "chain": [*chain, content]}
+    x = f'"$GITHUB_WORKSPACE/.incstore-xfer/{content}"'
+    script = ["set -e", f"mkdir -p {x}/nar",
+              f"printf '%s' {shlex_quote(json.dumps(record))} > {x}/record.json"]
     for name, data in files.items():
-        script.append(f"printf '%s' {shlex_quote(data.decode('latin-1'))} > \"$x/{name}\"")
+        script.append(f"printf '%s' {shlex_quote(data.decode('latin-1'))} > {x}/{name}")
+    save = "actions/cache/save@27d5ce7f107fe9357f9df03efb73ab90386fccae"
     job = world.gh.run_steps([
         {"run": "\n".join(script)},
-        {"uses": "actions/cache/save@27d5ce7f107fe9357f9df03efb73ab90386fccae",
-         "with": {"path": "${{ runner.temp }}/incstore-xfer", "key": key}}],
+        {"uses": save, "with": {"path": ".incstore-xfer", "key": content}},
+        {"run": f'rm -rf .incstore-xfer && mkdir -p .incstore-xfer/{index} && printf "%s" '
+                f'{shlex_quote(json.dumps(index_record))} > .incstore-xfer/{index}/index.json'},
+        {"uses": save, "with": {"path": ".incstore-xfer", "key": index}}],
         event=Event.push("main"), run_id=9000 + world.runs)
     assert job.success, job.log
-    assert key in world.keys()  # noqa: SIM118 (World.keys lists the cache keys)
+    assert {content, index} <= set(world.cache_keys())
 
 
 def shlex_quote(text: str) -> str:
@@ -312,8 +353,9 @@ def test_guix_install_action_read_only_store(world: World) -> None:
 
 
 def test_an_installer_upgrade_does_not_shrink_the_cache(world: World) -> None:
-    """Same key prefix across a Guix upgrade: the items that referenced the old installer's
-    items cannot be registered any more; the restore says so and the save keeps them."""
+    """Same key prefix across a Guix upgrade (nothing about the Guix version belongs in a
+    key): the items that referenced the old installer's items cannot be registered any
+    more; the restore says so and the save keeps them."""
     old = workflow(build="hello", restore={"key-prefix": "guix"}, save={"key-prefix": "guix"})
     first = world.run(old)
     assert first.success, first.log
@@ -326,9 +368,10 @@ def test_an_installer_upgrade_does_not_shrink_the_cache(world: World) -> None:
     assert any("leaves to the target store" in w for w in annotations(upgraded, "warning"))
     assert not any("hello" in p for p in valid_paths(upgraded))
     assert kept <= manifest_paths(upgraded), upgraded.log  # nothing forgotten
-    # and with the version in the key, as the examples do, the new version starts afresh
-    fresh = world.run(workflow(env={"GUIX_VERSION": "1.5.0"}))
-    assert fresh.success and outputs(fresh, "restore")["hit"] == "false"
+    # a namespace with no entries yet starts from the newest index of another
+    fresh = world.run(workflow(restore={"key-prefix": "new"}, save={"key-prefix": "new"}))
+    assert fresh.success and outputs(fresh, "restore")["hit"] == "true", fresh.log
+    assert int(outputs(fresh, "restore")["entries"]) >= 1
 
 
 def test_two_matrix_jobs_in_one_run_keep_both(world: World) -> None:
@@ -368,7 +411,7 @@ def test_ten_warm_saves_upload_only_what_is_new(world: World) -> None:
         job = world.run(workflow(build=f"--item-bytes=20000 {packages} new{n}"))
         assert job.success, job.log
         new = {k: v for k, v in world.entry_sizes().items() if k not in sizes}
-        assert len(new) == 1, new
+        assert sorted(kind(k) for k in new) == ["c", "i"], new  # one delta, one index
         uploads.append(sum(new.values()))
     store = int(outputs(job, "save")["store-bytes"])
     assert max(uploads) < 0.05 * store, (uploads, store)
@@ -464,7 +507,7 @@ def test_an_s3_chunk_store_through_the_actions(world: World, tmp_path: Path) -> 
         first = world.run(doc)
         assert first.success, first.log
         assert int(outputs(first, "save")["written"]) > 0, first.log
-        assert world.keys() == []  # the chunk store is in the bucket, not in actions/cache
+        assert world.cache_keys() == []  # the chunk store is in the bucket, not in actions/cache
         assert list((tmp_path / "bucket").rglob("*.narinfo")), "nothing reached the bucket"
         second = world.run(doc)
         assert second.success, second.log
@@ -483,3 +526,143 @@ def test_setup_refuses_other_operating_systems(tmp_path: Path) -> None:
                                "RUNNER_OS_NAME": "macOS", "GITHUB_OUTPUT": str(out)})
     assert proc.returncode == 1
     assert "::error title=incstore::incstore runs on Linux runners only" in proc.stdout
+
+
+# the real cache service's behaviour --------------------------------------------------------
+
+
+def _items(job: JobResult, word: str) -> set[str]:
+    return {p for p in valid_paths(job) if word in p}
+
+
+def test_a_refused_reservation_costs_only_that_saves_upload(world: World) -> None:
+    """A 429 on CreateCacheEntry is reported by the client exactly as a key another job
+    holds; nothing names the entry that was never made, so later restores lose nothing a
+    finished save uploaded, and the next save uploads the refused save's items again."""
+    server = world.gh.cache_server
+    server.fail("CreateCacheEntry", 429, key="incstore-x2-*-c-*", retry_after=0)
+    refused = world.run(workflow(build="first"))
+    assert refused.success, refused.log
+    assert "Unable to reserve cache with key" in refused.log
+    assert any("did not take this save's entry" in w for w in annotations(refused, "warning"))
+    assert world.cache_keys() == []  # not even an index: nothing was finished
+    cold = world.run(workflow(build="first"))
+    assert cold.success and outputs(cold, "restore")["hit"] == "false", cold.log
+    assert outputs(cold, "save")["changed"] == "true", cold.log
+    first = _items(cold, "first-part")
+    # now a refusal after a good save
+    server.fail("CreateCacheEntry", 429, key="incstore-x2-*-c-*", retry_after=0)
+    second = world.run(workflow(build="first second"))
+    assert second.success and outputs(second, "save")["changed"] == "false", second.log
+    third = world.run(workflow(build="first second"))
+    assert third.success, third.log
+    assert int(outputs(third, "restore")["restored"]) >= len(first)  # all the finished save had
+    assert outputs(third, "save")["changed"] == "true"  # second's items, uploaded again
+    fourth = world.run(workflow(build="first second"))
+    assert _items(fourth, "second-part") and outputs(fourth, "restore")["complete"] == "true"
+    assert outputs(fourth, "save")["changed"] == "false", fourth.log
+
+
+def test_an_upload_that_never_finalizes_holds_only_its_own_key(world: World) -> None:
+    """The blob upload fails through the SDK's retries, as when a job is cancelled mid-upload:
+    the reservation stays held (for up to a day on GitHub) and invisible. The next run
+    restores everything the last finished save had and saves the lost items again."""
+    assert world.run(workflow(build="base")).success
+    server = world.gh.cache_server
+    server.fail("PutBlob", 500, times=None)
+    cancelled = world.run(workflow(build="base extra"))
+    assert cancelled.success, cancelled.log
+    server.clear_faults()
+    assert world.gh.cache.pending, "the reservation of the failed upload is held"
+    after = world.run(workflow(build="base extra"))
+    assert after.success, after.log
+    assert outputs(after, "restore")["complete"] == "true"
+    assert int(outputs(after, "restore")["restored"]) >= 3  # base's items
+    assert outputs(after, "save")["changed"] == "true", after.log  # extra's, again
+    check = world.run(workflow(build="base extra"))
+    assert _items(check, "extra-part") and outputs(check, "save")["changed"] == "false"
+    assert int(outputs(check, "restore")["restored"]) >= 6
+
+
+def test_a_save_cut_off_between_its_content_and_its_index(world: World) -> None:
+    """The content entry went up but no index naming it did (a cancel, refused indexes; one
+    refused index alone is made good by the save's recheck): the content is named by
+    nothing, and the next save uploads those items again."""
+    assert world.run(workflow(build="one")).success
+    server = world.gh.cache_server
+    server.fail("CreateCacheEntry", 429, key="incstore-x2-*-i-*", retry_after=0, times=None)
+    cut = world.run(workflow(build="one two"))
+    assert cut.success, cut.log
+    server.clear_faults()
+    healed = world.run(workflow(build="one two"))
+    assert healed.success and outputs(healed, "restore")["complete"] == "true", healed.log
+    assert outputs(healed, "save")["changed"] == "true"
+    last = world.run(workflow(build="one two"))
+    assert _items(last, "two-part") and int(outputs(last, "restore")["restored"]) >= 6
+
+
+def test_two_saves_of_one_name_while_one_is_still_uploading(world: World) -> None:
+    """Matrix jobs a and b save the same manifest name; a's content upload waits to be
+    finalized until b's whole save is done. Each save reads the newest index before and
+    after writing its own, so the last index names both entries, and the next restore
+    merges them as siblings: the manifest is the union."""
+    import threading
+
+    assert world.run(workflow(build="common")).success
+    indexes = sum(1 for k in world.cache_keys() if kind(k) == "i")
+    gate = world.gh.cache_server.pause("FinalizeCacheEntryUpload", key="incstore-x2-*-c-*")
+    doc = workflow(build="common pkg-${{ matrix.part }}")
+    doc["jobs"]["guix"]["strategy"] = {"matrix": {"part": ["a", "b"]}}
+    done: list[Any] = []
+    runner = threading.Thread(target=lambda: done.append(world.gh.run(
+        doc, "guix", event=Event.push("main"), setup=world.setup, run_id=7000)))
+    runner.start()
+    assert gate.wait_reached(120), "no content upload reached its finalize"
+    deadline = time.monotonic() + 240
+    while sum(1 for k in world.cache_keys() if kind(k) == "i") < indexes + 1:
+        assert time.monotonic() < deadline, "the other job's save never finished"
+        time.sleep(0.5)
+    gate.release()
+    runner.join(300)
+    assert done and all(j.success for j in done[0].jobs), [j.log for j in done[0].jobs]
+    after = world.run(workflow(build="nothing-new"))
+    assert after.success, after.log
+    names = " ".join(manifest_paths(after))
+    assert "pkg-a-part0" in names and "pkg-b-part0" in names, after.log
+    assert _items(after, "pkg-a-part2") and _items(after, "pkg-b-part2")
+
+
+def test_a_save_whose_restore_did_not_run_adds_to_the_cache(world: World) -> None:
+    """The restore's install failed (or the step was left out): the save reads what the
+    cache holds first, then adds to it; with nothing in the cache it saves what it has."""
+    def without_restore(doc: dict[str, Any]) -> dict[str, Any]:
+        steps = doc["jobs"]["guix"]["steps"]
+        doc["jobs"]["guix"]["steps"] = [s for s in steps if s.get("id") != "restore"]
+        return doc
+
+    empty = world.run(without_restore(workflow(build="alone")))
+    assert empty.success and outputs(empty, "save")["changed"] == "true", empty.log
+    second = world.run(without_restore(workflow(build="other")))
+    assert second.success and outputs(second, "save")["changed"] == "true", second.log
+    both = world.run(workflow(build="nothing"))
+    assert both.success, both.log
+    assert _items(both, "alone-part2") and _items(both, "other-part2"), both.log
+    names = " ".join(manifest_paths(both))
+    assert "alone-part0" in names and "other-part0" in names
+
+
+def test_the_interop_workflow_from_a_cold_cache_to_a_warm_pr_rerun(world: World) -> None:
+    wf = WORKFLOWS / "guix-interop.yml"
+    cold = world.run(wf, event=Event.schedule("main"))
+    assert cold.success, cold.log
+    assert outputs(cold, "restore")["hit"] == "false"
+    assert "did not hold the whole closure" in cold.summary
+    assert outputs(cold, "save")["changed"] == "true", cold.log
+    pr = Event.pull_request(12, base="main")
+    first = world.run(wf, event=pr)  # warm from the scheduled run's cache
+    assert first.success, first.log
+    assert outputs(first, "restore")["complete"] == "true", first.log
+    assert "held every item" in first.summary
+    assert outputs(first, "save")["changed"] == "false", first.log
+    rerun = world.run(wf, event=pr)
+    assert rerun.success and outputs(rerun, "restore")["complete"] == "true", rerun.log

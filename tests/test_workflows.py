@@ -1,6 +1,7 @@
 """The workflows and composite actions as text: linted by actionlint, zizmor and shellcheck
 (every `run:` block), third-party actions pinned by commit, no expression expanded inside a
-script, every output a verb writes declared, and the slot steps chained as transfer.py says."""
+script, every output a verb writes declared, the actions exactly what generate.py writes, and
+every cache path and key the same string on every runner."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from incstore.transfer import SLOTS
+from incstore.transfer import MAX_CHAIN
 
 from .conftest import IN_CI, ROOT, needs, tool
 
@@ -54,16 +55,47 @@ def test_third_party_actions_are_pinned_by_commit(path: Path) -> None:
         assert text.count("persist-credentials: false") == text.count("actions/checkout@")
 
 
-def test_the_restore_action_reads_the_slots_in_order_until_one_is_missing() -> None:
-    doc = yaml.safe_load((ACTIONS / "restore" / "action.yml").read_text())
+def test_the_actions_are_what_generate_py_writes(tmp_path: Path) -> None:
+    copy = tmp_path / "actions"
+    shutil.copytree(ACTIONS, copy)
+    subprocess.run(["python3", str(ROOT / ".github/actions/generate.py")], check=True,
+                   env={**os.environ, "INCSTORE_ACTIONS_OUT": str(copy)})
+    for action in ("restore", "save"):
+        assert (copy / action / "action.yml").read_text() == \
+            (ACTIONS / action / "action.yml").read_text(), "run .github/actions/generate.py"
+
+
+@pytest.mark.parametrize("action,plan,prefix", [("restore", "plan", "c"),
+                                                ("save", "catch-plan", "k")])
+def test_each_action_restores_the_whole_chain_its_plan_names(action: str, plan: str,
+                                                             prefix: str) -> None:
+    doc = yaml.safe_load((ACTIONS / action / "action.yml").read_text())
     ids = [s.get("id") for s in doc["runs"]["steps"]]
-    slots = [s for s in doc["runs"]["steps"] if re.fullmatch(r"s\d\d", s.get("id", ""))]
-    assert [s["id"] for s in slots] == [f"s{n:02d}" for n in range(1, SLOTS + 1)]
-    for n, step in enumerate(slots, 1):
-        assert step["with"]["key"].endswith(f"}}}}{n:02d}")
-        if n > 1:
-            assert step["if"] == f"steps.s{n - 1:02d}.outputs.cache-matched-key != ''"
-    assert ids.index("base") < ids.index("plan") < ids.index("s01") < ids.index("run")
+    chain = [s for s in doc["runs"]["steps"] if re.fullmatch(rf"{prefix}\d\d", s.get("id", ""))]
+    assert [s["id"] for s in chain] == [f"{prefix}{n:02d}" for n in range(1, MAX_CHAIN + 1)]
+    for n, step in enumerate(chain, 1):
+        assert step["with"]["key"] == f"${{{{ steps.{plan}.outputs.c{n:02d} }}}}"
+        assert step["if"] == f"steps.{plan}.outputs.c{n:02d} != ''"
+    assert ids.index(plan) < ids.index(f"{prefix}01")
+    assert ids.index(f"{prefix}{MAX_CHAIN:02d}") < ids.index("run" if action == "restore"
+                                                             else "catch-up")
+
+
+@pytest.mark.parametrize("action", ["restore", "save"])
+def test_cache_paths_and_keys_are_the_same_on_every_runner(action: str) -> None:
+    """The cache version hashes the path as written: a resolved `runner.temp` or workspace
+    made container jobs and self-hosted runners miss every hosted runner's entry."""
+    doc = yaml.safe_load((ACTIONS / action / "action.yml").read_text())
+    for step in doc["runs"]["steps"]:
+        if step.get("uses", "").startswith("actions/cache"):
+            path = step["with"]["path"]
+            if "wheels" in path:
+                assert "runner.arch" in step["with"]["key"]  # binary wheels
+                continue
+            assert path == ".incstore-xfer", step
+            for field in ("key", "restore-keys"):
+                value = step["with"].get(field, "")
+                assert "runner." not in value and "github.workspace" not in value, step
 
 
 def _verb_outputs(verb: str) -> set[str]:
@@ -82,9 +114,9 @@ def test_every_output_is_declared(action: str) -> None:
         for ref in re.findall(r"steps\.([\w-]+)\.outputs\.([\w-]+)", output["value"]):
             assert ref[0] in {s.get("id") for s in doc["runs"]["steps"]}, (name, ref)
     wanted = {"restore": {"hit", "matched-key", "restored", "skipped", "failed", "bytes",
-                          "trusted", "generation"},
+                          "trusted", "complete", "entries"},
               "save": {"changed", "items", "written", "bytes", "upload-bytes", "store-bytes",
-                       "failed", "generation"}}[action]
+                       "failed", "entries"}}[action]
     assert wanted <= declared
 
 
@@ -157,11 +189,14 @@ def test_actionlint_passes_on_the_workflows_and_the_actions() -> None:
                                   text=True, check=False)
             problems += [f"{name}: {line}" for line in proc.stdout.splitlines()]
     else:
+        # a fresh linter per file: one WASM instance runs out of memory on all of them
         script = (
             "const {createLinter} = require(process.argv[1]);"
             "const files = JSON.parse(require('fs').readFileSync(0, 'utf8'));"
-            "createLinter().then(lint => console.log(JSON.stringify("
-            "Object.entries(files).flatMap(([n, t]) => lint(t, n)))));"
+            "(async () => { const out = [];"
+            " for (const [n, t] of Object.entries(files)) {"
+            "  const lint = await createLinter(); out.push(...lint(t, n)); }"
+            " console.log(JSON.stringify(out)); })();"
         )
         proc = subprocess.run(["node", "-e", script, linter[0]], input=json.dumps(files),
                               capture_output=True, text=True, check=True)

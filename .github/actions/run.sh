@@ -32,7 +32,7 @@ fi
 unset INCSTORE_SIGNING_KEY
 as=()
 case "$verb" in
-    restore-prepare | restore-plan) ;;
+    restore-prepare | restore-plan | save-prepare) ;;
     *)
         if [ "$(id -u)" != 0 ] && [ "${INCSTORE_SUDO:-auto}" != false ]; then
             as=(sudo --preserve-env)

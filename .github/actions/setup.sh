@@ -53,8 +53,12 @@ fi
 if [ "$mode" = check ]; then
     ready=false
     if [ -f "$venv/.incstore-ready" ]; then ready=true; fi
+    # the wheels entry lands under $HOME, which actions/cache records relative to the
+    # workspace: a runner whose home sits elsewhere (a container job, a self-hosted runner)
+    # keeps entries of its own
+    home_hash="$(printf '%s' "$HOME" | sha256sum | cut -c1-8)"
     {
-        echo "tag=py${version}-${deps_hash}"
+        echo "tag=py${version}-${deps_hash}-home${home_hash}"
         echo "ready=${ready}"
     } >> "$out"
     exit 0
