@@ -220,3 +220,39 @@ def test_a_save_reads_again_only_the_chunks_that_changed_since_it_checked_them(
     assert reads == [victim.name.removesuffix(".nar.zst")]
     r = run("check", "--cache", cache)
     assert r.code == 0, r.err
+
+
+@pytest.mark.parametrize("keep_days,rewritten", [(1, True), (30, False)])
+def test_an_unchanged_manifest_is_refreshed_well_within_keep_days(
+        tmp_path: Path, keep_days: float, rewritten: bool) -> None:
+    """Once a day whatever keep-days was let a manifest in daily use, unchanged, outlive a
+    1-day keep-days only by luck; now it is rewritten at least four times within it."""
+    import time
+
+    from incstore.chunkstore import ChunkStore
+    from incstore.manifest import from_bytes
+    from incstore.save import execute_save, plan_save, previous_manifest
+
+    from . import manifests
+
+    src = make_sample(tmp_path / "src", items=4, seed=61)
+    cache = tmp_path / "cache"
+
+    def save() -> None:
+        plan = plan_save(src.db_path, src.prefix, cache, previous=previous_manifest(cache, "w"),
+                         keep_days=keep_days)
+        assert not execute_save(plan, None, name="w").failed
+
+    save()
+    path = cache / "manifests" / "w.json"
+    doc = manifests.load(path)
+    seven_hours_ago = time.time() - 7 * 3600
+    doc["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seven_hours_ago))
+    for item in doc["items"]:
+        item["seen"] = int(seven_hours_ago)
+    manifests.dump(path, doc)
+    before = path.read_bytes()
+    save()
+    after = from_bytes(ChunkStore(cache).read_manifest("w"), "w")
+    assert (path.read_bytes() != before) == rewritten
+    assert (after.seen(0) > seven_hours_ago + 3600) == rewritten
