@@ -289,7 +289,7 @@ def restore(step: Step) -> int:
                             db_mode=step.choice("DB_MODE", ("auto", "swap", "in-place"),
                                                 "auto"),  # type: ignore[arg-type]
                             policy=policy, data=data, sig=sig)
-        result = execute_restore(plan, jobs=os.cpu_count() or 2)
+        result = execute_restore(plan, jobs=os.cpu_count() or 2, fsync=step.flag("FSYNC"))
     except IncstoreError as e:
         step.write_state({**state, "failed": list(loaded.paths)})
         step.outputs.update({"hit": "true", "failed": str(len(loaded))})
@@ -427,7 +427,8 @@ def save(step: Step) -> int:
     secret = signature.read_secret_key(key_file) if key_file else None
     plan = plan_save(db_path, prefix, cache, exclude_dbs=excludes,
                      previous=previous_manifest(cache, name), carry_days=keep, keep_days=keep)
-    result = execute_save(plan, None, name=name, jobs=os.cpu_count() or 2, sign_key=secret)
+    result = execute_save(plan, None, name=name, jobs=os.cpu_count() or 2, sign_key=secret,
+                          fsync=step.flag("FSYNC"))
     gc = execute_gc(plan_gc(cache, keep_days=keep, max_bytes=_size(step),
                             grace_seconds=float(step.get("GRACE_SECONDS", "0"))))
     step.outputs.update({"items": str(len(result.manifest)), "written": str(len(result.written)),

@@ -64,6 +64,12 @@ class Staged(NamedTuple):
 
 
 class Backend(ABC):
+    # whether blobs are made durable (fsync, syncfs) before they get their names. Off by
+    # default: a blob a power cut tore is caught by its size and XXH3 and quarantined, and
+    # the next save writes it again (FORMAT.md §5); manifests, which name the blobs and have
+    # no copy elsewhere, are always made durable (`write(..., durable=True)`)
+    fsync: bool = False
+
     """The operations a chunk store needs; names are checked by `check_name` first."""
 
     url: str
@@ -82,8 +88,8 @@ class Backend(ABC):
         """A streaming reader; FileNotFoundError if there is none."""
 
     @abstractmethod
-    def write(self, name: str, data: bytes) -> None:
-        """Create or replace the blob, atomically."""
+    def write(self, name: str, data: bytes, *, durable: bool = False) -> None:
+        """Create or replace the blob, atomically (and durably, with `durable` or `fsync`)."""
 
     @abstractmethod
     def create(self, name: str) -> contextlib.AbstractContextManager[BinaryIO]:
@@ -300,13 +306,15 @@ class LocalBackend(Backend):
                       0o644, dir_fd=fd)
         return out, tmp
 
-    def write(self, name: str, data: bytes) -> None:
+    def write(self, name: str, data: bytes, *, durable: bool = False) -> None:
         fd, base = self.blob_dir(name)
+        sync = durable or self.fsync
         try:
             out, tmp = self._new_temp(fd, base)
             try:
                 _write_all(out, data)
-                os.fsync(out)
+                if sync:
+                    os.fsync(out)
             finally:
                 os.close(out)
             try:
@@ -315,7 +323,8 @@ class LocalBackend(Backend):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp, dir_fd=fd)
                 raise
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
         except OSError as e:
             # e.g. a directory planted at a narinfo's name: one error for that blob, not an
             # unexplained OSError that ends the whole run
@@ -329,7 +338,8 @@ class LocalBackend(Backend):
             with os.fdopen(out, "wb") as f:
                 yield f
                 f.flush()
-                os.fsync(f.fileno())
+                if self.fsync:
+                    os.fsync(f.fileno())
             faults.point("atomicfile.before-rename")
             try:
                 os.link(tmp, base, src_dir_fd=fd, dst_dir_fd=fd, follow_symlinks=False)
@@ -338,7 +348,8 @@ class LocalBackend(Backend):
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp, dir_fd=fd)
-        os.fsync(fd)
+        if self.fsync:
+            os.fsync(fd)
         faults.point("atomicfile.after-rename")
 
     @contextlib.contextmanager
@@ -375,7 +386,7 @@ class LocalBackend(Backend):
         durable before it has a name."""
         if not staged:
             return []
-        if not durable:
+        if self.fsync and not durable:
             atomicfile.syncfs(self.blob_dir(staged[0].name)[0])
         faults.point("atomicfile.before-rename")
         done = []
@@ -398,8 +409,9 @@ class LocalBackend(Backend):
             except OSError as e:
                 raise ChunkStoreError(f"cannot publish {blob.name}: {e.strerror or e}",
                                       item=self.url) from e
-        for fd in dirs:
-            os.fsync(fd)
+        if self.fsync:
+            for fd in dirs:
+                os.fsync(fd)
         faults.point("atomicfile.after-rename")
         return done
 

@@ -148,8 +148,9 @@ SIG_SUFFIX = ".sig"  # a manifest's detached signature: manifests/<name>.json.si
 class ChunkStore:
     """Chunks, narinfos and named manifests on a backend (a local directory or S3)."""
 
-    def __init__(self, location: str | Path | Backend) -> None:
+    def __init__(self, location: str | Path | Backend, *, fsync: bool = False) -> None:
         self.backend = location if isinstance(location, Backend) else open_backend(location)
+        self.backend.fsync = fsync
 
     @property
     def url(self) -> str:
@@ -370,7 +371,7 @@ class ChunkStore:
         return sorted(self.manifests())
 
     def write_manifest(self, name: str, data: bytes) -> None:
-        self.backend.write(self.manifest_name(name), data)
+        self.backend.write(self.manifest_name(name), data, durable=True)
 
     def read_manifest(self, name: str) -> bytes:
         """A named manifest's bytes (refused beyond the size any manifest may have)."""
@@ -409,7 +410,7 @@ class ChunkStore:
             return None
 
     def write_manifest_sig(self, name: str, data: bytes) -> None:
-        self.backend.write(self.manifest_name(name) + SIG_SUFFIX, data)
+        self.backend.write(self.manifest_name(name) + SIG_SUFFIX, data, durable=True)
 
     def upstream_name(self, key: str) -> str:
         return f"{UPSTREAM_DIR}/{check_key(key)}.narinfo"

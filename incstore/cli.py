@@ -81,6 +81,12 @@ cache_option = click.option(
     help="Chunk store: a directory, or s3://BUCKET/PREFIX with endpoint and credentials from "
     "the AWS_* environment [default: $INCSTORE_CACHE, else ~/.cache/incstore].",
 )
+fsync_option = click.option(
+    "--fsync", is_flag=True,
+    help="Make every file written durable before it is named (an fsync or syncfs), beyond what "
+    "the daemons guarantee: for a long-lived store or chunk store on a machine that may lose "
+    "power. By default a kill -9 anywhere is safe and the DB and manifests are synced, but "
+    "store files and chunks are left to the page cache, as guix-daemon and Nix leave them.")
 jobs_option = click.option("--jobs", type=click.IntRange(1, 64), default=os.cpu_count() or 2,
                            show_default="number of cores", help="Parallel workers.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
@@ -133,11 +139,12 @@ name_option = click.option(
               help="Sign narinfos and the manifest with this secret key file (a Nix key from "
               "`incstore keygen` or nix-store --generate-binary-cache-key, or a Guix "
               "signing-key.sec); it must not be readable by group or others.")
+@fsync_option
 @click.option("--dry-run", is_flag=True, help="Print what would be written and stop.")
 @json_option
 def save(db_path: Path, prefix: Path, cache: str | None, manifest_path: Path | None,
          name: str | None, closure_of: tuple[str, ...], exclude_db: tuple[Path, ...], jobs: int,
-         level: int, carry_days: float, sign_key: Path | None, dry_run: bool,
+         level: int, carry_days: float, sign_key: Path | None, fsync: bool, dry_run: bool,
          as_json: bool) -> None:
     """Save the store's valid paths into the chunk store and write a manifest."""
     from incstore.save import execute_save, plan_save, previous_manifest
@@ -161,7 +168,8 @@ def save(db_path: Path, prefix: Path, cache: str | None, manifest_path: Path | N
 
         secret = signature.read_secret_key(sign_key)
     result = execute_save(plan, manifest_path, name=name, jobs=jobs, level=level,
-                          progress=_progress(len(plan.to_write), "saved"), sign_key=secret)
+                          progress=_progress(len(plan.to_write), "saved"), sign_key=secret,
+                          fsync=fsync)
     doc = result.to_json()
     where = " and ".join(w for w in (str(manifest_path) if manifest_path else "",
                                      f"manifests/{name}.json" if name else "") if w)
@@ -212,13 +220,15 @@ def save(db_path: Path, prefix: Path, cache: str | None, manifest_path: Path | N
               help="Hard-link identical files through the store's .links, as the daemon does "
               "[default: on for Guix (files of 8 KiB and more), off for Nix].")
 @jobs_option
+@fsync_option
 @click.option("--dry-run", is_flag=True, help="Print the plan and stop.")
 @json_option
 def restore(manifest_path: Path | None, name: str | None, cache: str | None, prefix: Path,
             db_path: Path | None, db_out: Path | None, db_mode: str, in_place: bool,
             owner: str | None, trusted_keys: tuple[str, ...], trust_guix_acl: str | None,
             trust_nix_conf: bool, max_age: str | None, require_signed_manifest: bool,
-            deduplicate: bool | None, jobs: int, dry_run: bool, as_json: bool) -> None:
+            deduplicate: bool | None, jobs: int, fsync: bool, dry_run: bool,
+            as_json: bool) -> None:
     """Extract the manifest's missing items, verify them and register them."""
     from incstore import trust
     from incstore.restore import execute_restore, plan_restore
@@ -257,7 +267,7 @@ def restore(manifest_path: Path | None, name: str | None, cache: str | None, pre
 
         _emit(as_json, doc, human())
         return
-    result = execute_restore(plan, jobs=jobs,
+    result = execute_restore(plan, jobs=jobs, fsync=fsync,
                              progress=_progress(len(plan.to_extract), "restored"))
     doc = result.to_json()
     for warning in result.warnings:

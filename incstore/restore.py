@@ -426,8 +426,10 @@ def _topological(manifest: Manifest, members: array[int], referrers: _Referrers
 class _Run:
     """The state of one restore while it executes."""
 
-    def __init__(self, plan: RestorePlan, jobs: int, progress: Progress | None) -> None:
+    def __init__(self, plan: RestorePlan, jobs: int, progress: Progress | None,
+                 fsync: bool = False) -> None:
         self.plan = plan
+        self.fsync = fsync
         self.manifest = plan.manifest
         self.flavour = plan.manifest.flavour
         self.jobs = jobs
@@ -494,9 +496,16 @@ def _preflight(run: _Run, chunks: ChunkStore, sd: StoreDir) -> None:
                                 "in progress)")
 
 
-def execute_restore(plan: RestorePlan, *, jobs: int = 2, progress: Progress | None = None
-                    ) -> RestoreResult:
-    run = _Run(plan, jobs, progress)
+def execute_restore(plan: RestorePlan, *, jobs: int = 2, progress: Progress | None = None,
+                    fsync: bool = False) -> RestoreResult:
+    """Carry out the plan. Durability is the daemons' by default: the DB is written in synced
+    transactions (or a synced copy swapped in), every item is complete under its final name
+    before the DB names it, and a process killed anywhere leaves no half-done item; the
+    files themselves are left to the page cache, as guix-daemon and Nix (`fsync-store-paths
+    = false`) leave them, so a power cut may leave a registered item damaged, which `guix gc
+    --verify=contents` finds. With `fsync`, the extracted trees are made durable (one
+    syncfs) and their renames (an fsync of the store directory) before the DB names them."""
+    run = _Run(plan, jobs, progress, fsync)
     if not plan.to_extract and plan.db_mode != "out":
         # everything is present: nothing to lock or write, but what killed runs left goes
         return RestoreResult(plan, [], [], [], _sweep_only(plan), "none")
@@ -687,10 +696,15 @@ def _place_and_register(run: _Run, sd: StoreDir) -> None:
     cut = len(manifest.store_dir) + 1
     # a live DB that does not exist yet has no session to race with: it is created whole
     live = run.mode == "in-place" and plan.db_path.exists()
+    # a swap holds the daemon's big-lock exclusively: no daemon session (so no build or
+    # substitution) and no other restore can run, and the item locks, a file each, would
+    # guard against nobody
+    exclusive = run.mode == "swap"
     conn = db.open_live(plan.db_path) if live else None
     failed_here: set[int] = set()
-    # a power cut must not leave the DB naming an item whose files never reached the disk
-    if any(run.extracted):
+    # with --fsync, a power cut must not leave the DB naming an item whose files never reached
+    # the disk
+    if run.fsync and any(run.extracted):
         sd.sync_trees()
     try:
         for batch in _batches(run):
@@ -701,14 +715,16 @@ def _place_and_register(run: _Run, sd: StoreDir) -> None:
                     if any(r in failed_here for r in manifest.ref_indices(n) if r != n):
                         failed_here.add(n)
                         continue
-                    lock = sd.item_lock(manifest.paths[n][cut:], run.flavour.lock_primitive)
-                    try:
-                        lock.acquire()
-                    except IncstoreError as e:
-                        run.fail(e)
-                        failed_here.add(n)
-                        continue
-                    locks.append(lock)
+                    if not exclusive:
+                        lock = sd.item_lock(manifest.paths[n][cut:],
+                                            run.flavour.lock_primitive)
+                        try:
+                            lock.acquire()
+                        except IncstoreError as e:
+                            run.fail(e)
+                            failed_here.add(n)
+                            continue
+                        locks.append(lock)
                     if live and _became_valid(run, conn, n, sd):
                         continue
                     try:
@@ -723,7 +739,7 @@ def _place_and_register(run: _Run, sd: StoreDir) -> None:
                                             f"temporary name: {report.failures[0]}")
                     faults.point("restore.renamed")
                     placed.append(n)
-                if placed:
+                if placed and run.fsync:
                     sd.sync_names()
                 if live:
                     assert conn is not None
@@ -817,10 +833,12 @@ def _remove_leftovers(run: _Run, sd: StoreDir) -> None:
 
 
 def _sweep_stale_locks(run: _Run, sd: StoreDir) -> None:
-    """Delete the `.lock` files of present items that nobody holds (left by a killed run)."""
+    """Delete the `.lock` files of present items that nobody holds (left by a killed run);
+    in a swap, which took no item locks, those of every item of the manifest."""
     manifest = run.manifest
     cut = len(manifest.store_dir) + 1
-    wanted = {manifest.paths[n][cut:] + ".lock": n for n in run.plan.indices(Action.PRESENT)}
+    items = range(len(manifest)) if run.mode == "swap" else run.plan.indices(Action.PRESENT)
+    wanted = {manifest.paths[n][cut:] + ".lock": n for n in items}
     if not wanted:
         return
     for name in [nm for nm in sd.names() if nm in wanted]:

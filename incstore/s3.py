@@ -114,7 +114,8 @@ class S3Backend(Backend):
         except FileNotFoundError as e:
             raise self._missing(name, e) from None
 
-    def write(self, name: str, data: bytes) -> None:
+    def write(self, name: str, data: bytes, *, durable: bool = False) -> None:
+        # a PUT is durable when it returns
         try:
             self._call("PUT", name, lambda: obstore.put(self.store, check_name(name), data))
         except FileNotFoundError as e:

@@ -542,14 +542,17 @@ def execute_save(
     progress: Progress | None = None,
     sign_key: SecretKey | None = None,
     substitute_cache: Path | None = None,
+    fsync: bool = False,
 ) -> SaveResult:
     """Write the plan's new chunks, then the manifest: to `manifest_path`, and into the chunk
     store as `manifests/<name>.json` when `name` is given. With `sign_key`, narinfos and the
     manifest are signed (`Signer`; the manifest's detached signature goes to `<manifest>.sig`).
     For a Guix store, the signed narinfos that `guix substitute` cached under
     `substitute_cache` (default: the state directory's `substitute/cache`) are kept beside
-    the chunks of the items they describe, when they agree with the DB."""
-    chunks = ChunkStore(plan.cache)
+    the chunks of the items they describe, when they agree with the DB. The manifest is
+    always made durable before it is named; chunks and narinfos only with `fsync` (a torn
+    one is caught by its size and XXH3, quarantined, and written again by the next save)."""
+    chunks = ChunkStore(plan.cache, fsync=fsync)
     chunks.init(plan.flavour.store_dir)
     chunks.sweep()
     if manifest_path is not None:

@@ -1,6 +1,8 @@
 """Kill-anywhere harness: SIGKILL the real CLI at many points of save and restore, check that the
 store, the DB and the chunk store are consistent right after the kill, run the same command
-again, and check that it completes and leaves nothing behind."""
+again, and check that it completes and leaves nothing behind. Every case runs twice: in the
+default durability (the daemons': nothing synced but the DB and manifests) and with
+`--fsync`; a kill must be safe in both."""
 
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ RESTORE_POINTS = (
        ("atomicfile.after-rename", 1)]
 )
 TIMED_KILLS = 10
+MODES = pytest.mark.parametrize("mode", [[], ["--fsync"]], ids=["default", "fsync"])
 
 
 def spawn(args: list[str | Path], kill_at: str | None = None) -> subprocess.Popen[bytes]:
@@ -96,10 +99,11 @@ def big_sample(tmp_path: Path) -> SampleStore:
     return make_sample(tmp_path / "src", items=16, seed=11)
 
 
-def _kill_save(tmp_path: Path, src: SampleStore, kill_at: str | None, delay: float | None) -> None:
+def _kill_save(tmp_path: Path, src: SampleStore, kill_at: str | None, delay: float | None,
+               mode: list[str]) -> None:
     cache, manifest = tmp_path / "cache", tmp_path / "m.json"
     args: list[str | Path] = ["save", "--db", src.db_path, "--prefix", src.prefix,
-                              "--cache", cache, "--manifest", manifest]
+                              "--cache", cache, "--manifest", manifest, *mode]
     run_until_killed(args, kill_at, delay)
     check_chunks(cache)
     if manifest.exists():
@@ -117,15 +121,18 @@ def _kill_save(tmp_path: Path, src: SampleStore, kill_at: str | None, delay: flo
         assert "sha256:" + found.nar_sha256 == item["nar_hash"]
 
 
+@MODES
 @pytest.mark.parametrize(("point", "count"), SAVE_POINTS)
 def test_kill_save_at_a_point(tmp_path: Path, big_sample: SampleStore, point: str,
-                              count: int) -> None:
-    _kill_save(tmp_path, big_sample, f"{point}:{count}", None)
+                              count: int, mode: list[str]) -> None:
+    _kill_save(tmp_path, big_sample, f"{point}:{count}", None, mode)
 
 
+@MODES
 @pytest.mark.parametrize("seed", range(TIMED_KILLS))
-def test_kill_save_at_a_random_moment(tmp_path: Path, big_sample: SampleStore, seed: int) -> None:
-    _kill_save(tmp_path, big_sample, None, random.Random(seed).uniform(0.15, 0.32))
+def test_kill_save_at_a_random_moment(tmp_path: Path, big_sample: SampleStore, seed: int,
+                                      mode: list[str]) -> None:
+    _kill_save(tmp_path, big_sample, None, random.Random(seed).uniform(0.15, 0.32), mode)
 
 
 @pytest.fixture
@@ -138,13 +145,13 @@ def saved_big(tmp_path: Path, big_sample: SampleStore) -> tuple[SampleStore, Pat
 
 
 def _kill_restore(tmp_path: Path, saved: tuple[SampleStore, Path, Path], kill_at: str | None,
-                  delay: float | None) -> None:
+                  delay: float | None, mode: list[str]) -> None:
     src, cache, manifest = saved
     dst = tmp_path / "dst"
     # the target already has part of the store, so registration merges into an existing DB
     first = make_sample(dst, items=2, seed=5)
     args: list[str | Path] = ["restore", "--manifest", manifest, "--cache", cache,
-                              "--prefix", dst, "--jobs", "2"]
+                              "--prefix", dst, "--jobs", "2", *mode]
     run_until_killed(args, kill_at, delay)
     check_db(dst)
     assert set(rows(first.db_path)) >= {i.path for i in first.infos}  # nothing lost
@@ -157,17 +164,20 @@ def _kill_restore(tmp_path: Path, saved: tuple[SampleStore, Path, Path], kill_at
     assert set(merged) == set(rows(src.db_path)) | {i.path for i in first.infos}
 
 
+@MODES
 @pytest.mark.parametrize(("point", "count"), RESTORE_POINTS)
 def test_kill_restore_at_a_point(tmp_path: Path, saved_big: tuple[SampleStore, Path, Path],
-                                 point: str, count: int) -> None:
-    _kill_restore(tmp_path, saved_big, f"{point}:{count}", None)
+                                 point: str, count: int, mode: list[str]) -> None:
+    _kill_restore(tmp_path, saved_big, f"{point}:{count}", None, mode)
 
 
+@MODES
 @pytest.mark.parametrize("seed", range(TIMED_KILLS))
 def test_kill_restore_at_a_random_moment(tmp_path: Path,
                                          saved_big: tuple[SampleStore, Path, Path],
-                                         seed: int) -> None:
-    _kill_restore(tmp_path, saved_big, None, random.Random(100 + seed).uniform(0.15, 0.32))
+                                         seed: int, mode: list[str]) -> None:
+    _kill_restore(tmp_path, saved_big, None, random.Random(100 + seed).uniform(0.15, 0.32),
+                  mode)
 
 
 def test_the_harness_kills_at_least_fifty_times() -> None:

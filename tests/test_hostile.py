@@ -747,7 +747,8 @@ def test_lock_symlink_is_refused(world: World, where: str) -> None:
             "big-lock": world.dst / "var/guix/db/big-lock"}[where]
     os.symlink(world.outside / ("precious" if where == "item-existing-file" else "created"),
                lock)
-    r = world.restore()
+    # item locks are taken where another writer may run: in place (a swap excludes them all)
+    r = world.restore(*(["--db-mode", "in-place"] if where.startswith("item") else []))
     assert_fails(r, StoreError.exit_code, naming="symbolic link")
     world.untouched_outside()
     assert lock.is_symlink()
@@ -769,9 +770,23 @@ def test_lock_that_is_not_a_file_does_not_hang(world: World, where: str, kind: s
             "gc.lock": world.dst / "var/guix/gc.lock",
             "big-lock": world.dst / "var/guix/db/big-lock"}[where]
     os.mkfifo(lock) if kind == "fifo" else lock.mkdir()
-    r = world.restore(timeout=20)
+    r = world.restore(*(["--db-mode", "in-place"] if where == "item" else []), timeout=20)
     assert_fails(r, StoreError.exit_code)
     world.consistent()
+    world.untouched_outside()
+
+
+def test_a_swap_takes_no_item_locks_and_never_opens_a_planted_one(world: World) -> None:
+    """A swap holds big-lock exclusively, so no other writer can run: it makes no `.lock`
+    file per item, and one planted at an item's lock name (a symlink outside, a FIFO) is not
+    opened."""
+    items = world.doc["items"]
+    world.store.mkdir(parents=True)
+    os.symlink(world.outside / "precious", world.store / (items[3]["path"][11:] + ".lock"))
+    os.mkfifo(world.store / (items[4]["path"][11:] + ".lock"))
+    r = world.restore("--db-mode", "swap", timeout=20)
+    assert_ok(r)
+    assert set(world.consistent()) == set(world.paths)
     world.untouched_outside()
 
 

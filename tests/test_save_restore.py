@@ -256,3 +256,44 @@ def test_an_unchanged_manifest_is_refreshed_well_within_keep_days(
     after = from_bytes(ChunkStore(cache).read_manifest("w"), "w")
     assert (path.read_bytes() != before) == rewritten
     assert (after.seen(0) > seven_hours_ago + 3600) == rewritten
+
+
+@pytest.mark.parametrize("fsync", [False, True], ids=["default", "fsync"])
+def test_durability_is_the_daemons_unless_asked_for_more(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fsync: bool) -> None:
+    """By default only the DB and the manifest are synced (a handful of fsyncs whatever the
+    item count, no syncfs, which would also wait for everything else the job wrote to the
+    disk); with --fsync, the store trees and the chunks are made durable before their names."""
+    from incstore import atomicfile
+    from incstore import manifest as manifest_mod
+    from incstore.restore import execute_restore, plan_restore
+    from incstore.save import execute_save, plan_save
+
+    calls = {"fsync": 0, "syncfs": 0}
+    real_fsync, real_syncfs = os.fsync, atomicfile.syncfs
+
+    def counting_fsync(fd: int) -> None:
+        calls["fsync"] += 1
+        real_fsync(fd)
+
+    def counting_syncfs(fd: int) -> None:
+        calls["syncfs"] += 1
+        real_syncfs(fd)
+
+    monkeypatch.setattr(os, "fsync", counting_fsync)
+    monkeypatch.setattr(atomicfile, "syncfs", counting_syncfs)
+    src = make_sample(tmp_path / "src", items=40, seed=62)
+    cache, out = tmp_path / "cache", tmp_path / "m.json"
+    result = execute_save(plan_save(src.db_path, src.prefix, cache), out, name="w", fsync=fsync)
+    assert len(result.written) == len(src.infos) >= 40
+    saved = dict(calls)
+    calls.update(fsync=0, syncfs=0)
+    plan = plan_restore(manifest_mod.load(out), tmp_path / "dst", cache)
+    restored = execute_restore(plan, fsync=fsync)
+    assert len(restored.registered) == len(src.infos)
+    if fsync:
+        assert saved["syncfs"] >= 1 and calls["syncfs"] >= 1
+    else:
+        # a constant handful, not one per item: manifests, records and the DB, with their dirs
+        assert saved["syncfs"] == 0 and saved["fsync"] <= 12, saved
+        assert calls["syncfs"] == 0 and calls["fsync"] <= 12, calls

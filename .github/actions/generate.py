@@ -47,6 +47,9 @@ COMMON_INPUTS = """\
   sudo:
     description: "Run incstore as root through sudo when the runner user is not root (auto or false)."
     default: "auto"
+  fsync:
+    description: "true to make every file durable before it is named (a self-hosted runner that may lose power); by default, as the daemons: kill-safe, DB and manifests synced, files left to the page cache."
+    default: "false"
 """
 
 RESTORE_HEAD = """\
@@ -202,6 +205,7 @@ ENV = {
     "INCSTORE_SUDO": "${{ inputs.sudo }}",
     "INCSTORE_PREFIX": "${{ inputs.prefix }}",
     "INCSTORE_DB": "${{ inputs.db }}",
+    "INCSTORE_FSYNC": "${{ inputs.fsync }}",
 }
 RESTORE_ENV = {
     "INCSTORE_DB_MODE": "${{ inputs.db-mode }}",
