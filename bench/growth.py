@@ -4,7 +4,7 @@ item count (bench/guixstore.py), and on the 2,076-item reference store.
 For each store, five scenarios, each timed for incstore (its CLI) and for the baseline
 (`tar | zstd -T0 -3`, `zstd -d | tar -x`), median of `reps` runs alternating which goes first:
 
-- cold save: an empty chunk store / a new archive;
+- cold save: an empty chunk store / a new archive, on the disk and again in tmpfs;
 - save, nothing new: the chunk store already holds every item / the archive is made again;
 - restore, empty store: into an empty prefix (tmpfs by default) / the archive extracted;
 - restore, 90% present: 10% of the items (leaves first, so the rest stays closed) deleted and
@@ -14,6 +14,11 @@ For each store, five scenarios, each timed for incstore (its CLI) and for the ba
 
 Bytes: for saves, chunk and manifest bytes written / the archive's size; for restores, file
 bytes written into the store by incstore (the missing items) / by the baseline (everything).
+
+Disk rows (saves, and restores placed on "disk") are timed on the `Disk` the caller gives
+(bench/disk.py): an ext4 image on a loop device that run.py makes for the run, whose rows say
+`loop`, or a plain directory, whose rows name it. Each disk pair runs back to back on it, so
+the "ratio per run" column holds ratios taken under the same disk conditions.
 
 `growth` writes bench/out/growth.md, growth.csv and (with matplotlib) growth.png; `reference`
 writes bench/out/small-items.md and small-items.csv.
@@ -31,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import daemondb, guixstore
+from bench.disk import Disk
 from bench.guixstore import StoreSpec, Summary
 from bench.measure import (
     INCSTORE,
@@ -55,21 +61,27 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def store_rows(prefix: Path, summary: Summary, where: Iterable[str], reps: int, disk_dir: Path,
+def store_rows(prefix: Path, summary: Summary, where: Iterable[str], reps: int, disk: Disk,
                shm_dir: Path) -> list[Row]:
-    """The five scenarios on the (read-only) store under `prefix`."""
+    """The five scenarios on the (read-only) store under `prefix`; `where` holds "shm"
+    and/or "disk", and disk rows are labelled `disk.where`."""
     db_path = daemondb.db_path(prefix)
-    work = Path(tempfile.mkdtemp(prefix="incstore-growth-", dir=disk_dir))
+    work = Path(tempfile.mkdtemp(prefix="incstore-growth-", dir=disk.root))
+    disk_label = disk.where
+
+    def label(place: str) -> str:
+        return disk_label if place == "disk" else place
+
     rows: list[Row] = []
     n = summary.items
 
     def done(row: Row) -> Row:
         rows.append(row)
         if row.failed:
-            log(f"  {n:>6} items  {row.scenario:22} {row.where:4}  FAILED {row.failed}")
+            log(f"  {n:>6} items  {row.scenario:34} {row.where:4}  FAILED {row.failed}")
             return row
         ratio = f"{row.ratio:.3f}" if row.ratio is not None else "-"
-        log(f"  {n:>6} items  {row.scenario:22} {row.where:4}  incstore "
+        log(f"  {n:>6} items  {row.scenario:34} {row.where:4}  incstore "
             f"{Row.med(row.ours):7.2f} s  baseline {Row.med(row.base):7.2f} s  ratio {ratio}")
         return row
 
@@ -81,18 +93,18 @@ def store_rows(prefix: Path, summary: Summary, where: Iterable[str], reps: int, 
         for scenario, place in rest:
             done(Row(scenario, place, items=n, failed=f"not run ({row.scenario} failed)"))
 
-    restores = [(s, p) for p in where for s in SCENARIOS[2:]]
+    restores = [(s, label(p)) for p in where for s in SCENARIOS[2:]]
     try:
         cache, manifest, archive = work / "cache", work / "m.json", work / "store.tar.zst"
         save = [*INCSTORE, "save", "--db", str(db_path), "--prefix", str(prefix),
                 "--cache", str(cache), "--manifest", str(manifest)]
-        row = Row("cold save", "disk", items=n)
+        row = Row("cold save", disk_label, items=n)
         try:
             for rep in range(reps):
                 wipe(cache)
                 pair(row, rep, save, tar_create(prefix, archive), reset=lambda: wipe(cache))
         except CommandFailed as e:
-            give_up(row, e, [("save, nothing new", "disk"), *restores])
+            give_up(row, e, [("save, nothing new", disk_label), *restores])
             return rows
         row.ours_bytes, row.base_bytes = du(cache) + du(manifest), du(archive)
         done(row)
@@ -114,7 +126,7 @@ def store_rows(prefix: Path, summary: Summary, where: Iterable[str], reps: int, 
             finally:
                 wipe(spool)
 
-        row = Row("save, nothing new", "disk", items=n)
+        row = Row("save, nothing new", disk_label, items=n)
         try:
             for rep in range(reps):
                 before = du(cache)
@@ -127,12 +139,12 @@ def store_rows(prefix: Path, summary: Summary, where: Iterable[str], reps: int, 
 
         for place in where:
             root = Path(tempfile.mkdtemp(prefix="incstore-growth-",
-                                         dir=shm_dir if place == "shm" else disk_dir))
+                                         dir=shm_dir if place == "shm" else disk.root))
             dst, base_dst = root / "dst", root / "base"
             restore = [*INCSTORE, "restore", "--manifest", str(manifest), "--cache", str(cache),
                        "--prefix", str(dst)]
             try:
-                row = Row("restore, empty store", place, items=n)
+                row = Row("restore, empty store", label(place), items=n)
 
                 def empty(dst: Path = dst, base_dst: Path = base_dst) -> None:
                     wipe(dst)
@@ -143,7 +155,7 @@ def store_rows(prefix: Path, summary: Summary, where: Iterable[str], reps: int, 
                         empty()
                         pair(row, rep, restore, tar_extract(archive, base_dst), reset=empty)
                 except CommandFailed as e:
-                    give_up(row, e, [(s, place) for s in SCENARIOS[3:]])
+                    give_up(row, e, [(s, label(place)) for s in SCENARIOS[3:]])
                     continue
                 row.ours_bytes, row.base_bytes = du(dst), du(base_dst)
                 done(row)
@@ -151,7 +163,7 @@ def store_rows(prefix: Path, summary: Summary, where: Iterable[str], reps: int, 
                     # incstore makes what it restored durable before the DB names it (one
                     # syncfs); the monolith leaves it in the page cache: the same restore
                     # against a monolith that syncs too
-                    row = Row("restore, empty store, both durable", place, items=n)
+                    row = Row("restore, empty store, both durable", label(place), items=n)
                     try:
                         for rep in range(reps):
                             empty()
@@ -163,7 +175,7 @@ def store_rows(prefix: Path, summary: Summary, where: Iterable[str], reps: int, 
                     except CommandFailed as e:
                         give_up(row, e, [])
 
-                row = Row("restore, 90% present", place, items=n)
+                row = Row("restore, 90% present", label(place), items=n)
 
                 def missing(dst: Path = dst, base_dst: Path = base_dst) -> int:
                     return daemondb.drop(dst, 0.10, mirrors=[base_dst]).file_bytes
@@ -177,7 +189,7 @@ def store_rows(prefix: Path, summary: Summary, where: Iterable[str], reps: int, 
                 except CommandFailed as e:
                     give_up(row, e, [])
 
-                row = Row("no-op restore", place, items=n)
+                row = Row("no-op restore", label(place), items=n)
                 try:
                     for rep in range(reps):
                         pair(row, rep, restore, tar_extract(archive, base_dst))
@@ -239,7 +251,7 @@ def plot(rows: list[Row], path: Path) -> bool:
                 continue
             xs = [x for x, _ in pts]
             label = f"{scenario} ({place})"
-            style = "-." if place == "disk" and len(places) > 1 else "-"
+            style = "-." if place != "shm" and len(places) > 1 else "-"
             left.plot(xs, [r.ratio for _, r in pts], style, marker="o", color=colours[i],
                       label=label)
             right.plot(xs, [Row.med(r.ours) for _, r in pts], style, marker="o",
@@ -292,7 +304,7 @@ def _previous(timed: str, sizes: list[int]) -> tuple[list[Row], dict[int, Summar
         return [], {}
 
 
-def growth(sizes: list[int], reps: int, where: list[str], disk_dir: Path, shm_dir: Path,
+def growth(sizes: list[int], reps: int, where: list[str], disk: Disk, shm_dir: Path,
            seed: int = 7, timed: str = "") -> list[Row]:
     """The growth curve at `sizes`, merged with earlier runs of the same incstore (`timed`
     names it) at other sizes."""
@@ -303,12 +315,13 @@ def growth(sizes: list[int], reps: int, where: list[str], disk_dir: Path, shm_di
         prefix, summary = guixstore.cached(StoreSpec(n, seed))
         log(f"  {summary.line()}")
         shapes[summary.items] = summary
-        rows += store_rows(prefix, summary, where, reps, disk_dir, shm_dir)
+        rows += store_rows(prefix, summary, where, reps, disk, shm_dir)
         rows.sort(key=lambda r: r.items)  # stable: scenario order kept within a size
         shapes = dict(sorted(shapes.items()))
         # rewrite the outputs after every size, so a long run leaves what it measured so far
         note = (f"incstore: {timed}. Median of {reps} runs, alternating which goes first; "
-                f"restores into {', '.join(where)}. Saves write the chunk store on disk.")
+                f"restores into {', '.join(where)}; cold saves on the disk and in shm, "
+                f"saves with nothing new on the disk. Disk rows: {disk.note}.")
         (OUT / "growth.md").write_text(_report("Growth curve", rows, shapes, note))
         _write_csv(OUT / "growth.csv", rows, shapes)
         (OUT / "growth.json").write_text(json.dumps(
@@ -318,16 +331,17 @@ def growth(sizes: list[int], reps: int, where: list[str], disk_dir: Path, shm_di
     return rows
 
 
-def reference(reps: int, where: list[str], disk_dir: Path, shm_dir: Path,
+def reference(reps: int, where: list[str], disk: Disk, shm_dir: Path,
               seed: int = 7, timed: str = "") -> list[Row]:
     """The 2,076-item store shaped like the one a user measured."""
     OUT.mkdir(parents=True, exist_ok=True)
     log(f"small items: building or reusing the {REFERENCE_ITEMS:,}-item reference store ...")
     prefix, summary = guixstore.cached(StoreSpec(REFERENCE_ITEMS, seed))
     log(f"  {summary.line()}")
-    rows = store_rows(prefix, summary, where, reps, disk_dir, shm_dir)
+    rows = store_rows(prefix, summary, where, reps, disk, shm_dir)
     shapes = {summary.items: summary}
-    note = f"incstore: {timed}. Median of {reps} runs, alternating which goes first."
+    note = (f"incstore: {timed}. Median of {reps} runs, alternating which goes first. "
+            f"Disk rows: {disk.note}.")
     (OUT / "small-items.md").write_text(_report("2,076-item reference store", rows, shapes,
                                                 note))
     _write_csv(OUT / "small-items.csv", rows, shapes)

@@ -88,6 +88,14 @@ class Row:
     def ratio(self) -> float | None:
         return Row.med(self.ours) / Row.med(self.base) if self.base and self.ours else None
 
+    @property
+    def pair_ratios(self) -> list[float]:
+        """incstore / baseline of each pair `pair` timed back to back: on a disk whose speed
+        drifts between runs, each is taken under one run's conditions, where the median of
+        each side may come from different runs."""
+        return [o.seconds / b.seconds for o, b in zip(self.ours, self.base, strict=False)
+                if b.seconds]
+
     def to_json(self) -> dict[str, object]:
         return {**{k: v for k, v in self.__dict__.items() if k not in ("ours", "base")},
                 "ours": [s.__dict__ for s in self.ours], "base": [s.__dict__ for s in self.base]}
@@ -255,10 +263,12 @@ def tar_extract(archive: Path, dest: Path) -> str:
 
 
 def table(rows: list[Row], with_items: bool = False) -> str:
-    """A Markdown table of medians, ratios, bytes and peak memory."""
-    head = ("| scenario | where | incstore s | baseline s | ratio | incstore bytes | "
-            "baseline bytes | incstore peak MB | baseline peak MB | others' CPU |")
-    ncol = 10
+    """A Markdown table of medians, ratios (of the medians, and of each pair), bytes and
+    peak memory."""
+    head = ("| scenario | where | incstore s | baseline s | ratio | ratio per run | "
+            "incstore bytes | baseline bytes | incstore peak MB | baseline peak MB | "
+            "others' CPU |")
+    ncol = 11
     if with_items:
         head = "| items " + head
         ncol += 1
@@ -272,12 +282,13 @@ def table(rows: list[Row], with_items: bool = False) -> str:
         ours = Row.med(r.ours)
         if r.base:
             base_s, ratio = f"{Row.med(r.base):.2f}", f"{r.ratio:.3f}"
+            per_run = " ".join(f"{x:.3g}" for x in r.pair_ratios)
             base_peak = f"{Row.peak(r.base):.0f}"
         else:
-            base_s = ratio = base_peak = "-"
+            base_s = ratio = per_run = base_peak = "-"
         first = f"| {r.items:,} " if with_items else ""
         lines.append(f"{first}| {r.scenario} | {r.where} | {ours:.2f} | {base_s} | {ratio} | "
-                     f"{r.ours_bytes:,} | {r.base_bytes:,} | {Row.peak(r.ours):.0f} | "
+                     f"{per_run} | {r.ours_bytes:,} | {r.base_bytes:,} | {Row.peak(r.ours):.0f} | "
                      f"{base_peak} | {max(Row.foreign(r.ours), Row.foreign(r.base)):.0%}"
                      f"{f' ({r.retries} retried)' if r.retries else ''} |")
     return "\n".join(lines)

@@ -14,6 +14,9 @@ nothing new, restore into an empty store on tmpfs and on disk, no-op restore) th
 Everything lands in bench/out/profile/ (`*.importtime`, `*.prof`, `*.cprofile.txt`,
 `*.strace`), and a digest is printed. Timings under a profiler are inflated (cProfile about 2x
 on this code), so read them as shares, not as wall times.
+
+For counts that do not depend on the disk's mood (system calls, syncs, files created and
+writes per item, for incstore and the monolith in each scenario), see bench/syscalls.py.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
     python3 bench/run.py [--classic] [--growth [--sizes 100,1000,10000,50000]] [--small-items]
                          [--manifest-scale [--manifest-items 200000]] [--reps 3]
                          [--incstore-ref REF] [--nix] [--s3] [--mb 500] [--items 100]
+                         [--disk-dir /var/tmp] [--disk-image-mb N]
 
 Each scenario is timed for incstore (only ever through its CLI, `python3 -m incstore`) and for
 the baseline (`tar -c gnu/store var/guix/db | zstd -T0 -3`, `zstd -d | tar -x`), several times,
@@ -20,10 +21,12 @@ second and is retried once), "quiet" is the sum of the timed runs plus set-up:
                    new items, restore into an empty store, 90% present, no-op, each into tmpfs
                    and on disk (--where). About 5 minutes quiet; --nix and --s3 add peers.
 --growth           The growth curve on Guix-shaped stores (bench/guixstore.py) of --sizes items
-                   (default 100,1000,10000: about 10 minutes quiet, 27 busy; 50000 adds about
-                   20 quiet, a third of that with --reps 1): the same 31 large items (544 MB),
-                   the rest small. Scenarios: cold save, save with nothing new, restore into an
-                   empty store, 90% present, no-op (restores into tmpfs, --growth-where).
+                   (default 100,1000,10000: about 10 minutes quiet with restores into tmpfs
+                   only, 27 busy, twice that with the disk rows; 50000 adds about 20 quiet, a
+                   third of that with --reps 1): the same 31 large items (544 MB), the rest
+                   small. Scenarios: cold save, save with nothing new, restore into an empty
+                   store, 90% present, no-op (restores into tmpfs and on the disk, see below;
+                   --growth-where shm for tmpfs only).
                    Writes bench/out/growth.{md,csv,json} and, with matplotlib (pip install
                    matplotlib==3.11.2), bench/out/growth.png; a later run of the same incstore
                    at other --sizes adds its points to the curve.
@@ -34,7 +37,18 @@ second and is retried once), "quiet" is the sum of the timed runs plus set-up:
                    store: times `restore --dry-run` into an empty prefix, `check` and `stats`
                    (bench/manifestscale.py). About 4 minutes, plus 1 to synthesise it once.
 
-bench/profile.py profiles the per-item work (import time, cProfile in every thread, strace).
+The disk (--small-items and --growth). Their disk rows (saves, and restores on "disk") are
+timed on an ext4 image that the run makes in --disk-dir (default /var/tmp), attaches to a loop
+device and mounts without `discard`, sized from the stores it will hold (--disk-image-mb N
+to choose), used by incstore and the monolith alike, and unmounts, detaches and deletes at the
+end, also on an error or Ctrl-C (bench/disk.py). Their rows say `loop`. This machine's root
+file system is mounted with `discard`, which makes timings there swing up to 10x. Without
+root or loop devices the disk rows fall back to --disk-dir itself (with a warning), and say
+its path instead; --disk-image-mb 0 asks for that. --classic always writes in --disk-dir,
+and its disk rows say so.
+
+bench/profile.py profiles the per-item work (import time, cProfile in every thread, strace);
+bench/syscalls.py counts system calls per item, which do not depend on the disk's mood.
 
 --incstore-ref REF times the incstore of a git revision (exported to bench/out/src-<sha>/)
 instead of the working tree, so a run is not disturbed by edits in progress.
@@ -56,7 +70,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import daemondb, realstore  # noqa: E402
+from bench import daemondb, disk, guixstore, realstore  # noqa: E402
 from bench.measure import (  # noqa: E402
     INCSTORE,
     Row,
@@ -73,6 +87,9 @@ from bench.measure import (  # noqa: E402
 def bench(args: argparse.Namespace) -> list[Row]:
     work = Path(tempfile.mkdtemp(prefix="incstore-bench-", dir=args.disk_dir))
     rows: list[Row] = []
+    # not the bench's image (its store is built in place, of a size known only once built):
+    # the rows name the directory they were timed in
+    on_disk = disk.directory(args.disk_dir).where
     try:
         src = work / "src"
         print(f"building the bench store in {src} ...", file=sys.stderr)
@@ -90,7 +107,7 @@ def bench(args: argparse.Namespace) -> list[Row]:
                     "--cache", str(cache), "--manifest", str(manifest)]
 
         # 1. cold save
-        row = Row("cold save", "disk")
+        row = Row("cold save", on_disk)
         for rep in range(args.reps):
             wipe(cache)
             pair(row, rep, save(work / "m.json"), tar_create(src, archive),
@@ -99,7 +116,7 @@ def bench(args: argparse.Namespace) -> list[Row]:
         rows.append(row)
 
         # 2. warm save after a package update: 3 new items
-        row = Row("warm save (+3 items)", "disk")
+        row = Row("warm save (+3 items)", on_disk)
         for rep in range(args.reps):
             realstore.add_update(src, 3, seed=1000 + rep)
             before = du(cache)
@@ -109,9 +126,10 @@ def bench(args: argparse.Namespace) -> list[Row]:
         rows.append(row)
         manifest = work / f"m{args.reps - 1}.json"
 
-        for where in args.where:
+        for place in args.where:
             root = Path(tempfile.mkdtemp(prefix="incstore-bench-", dir=args.shm_dir
-                                         if where == "shm" else args.disk_dir))
+                                         if place == "shm" else args.disk_dir))
+            where = on_disk if place == "disk" else place
             dst, base_dst = root / "dst", root / "base"
 
             restore_cmd = [*INCSTORE, "restore", "--manifest", str(manifest), "--cache",
@@ -171,8 +189,9 @@ def nix_peer(work: Path, src: Path, args: argparse.Namespace) -> list[Row]:
                              capture_output=True, text=True, check=True)
         paths.append(out.stdout.strip())
     cache = work / "nixcache"
-    save = Row("nix copy --to file:// (cold)", "disk")
-    restore = Row("nix copy --from file://", "disk")
+    on_disk = disk.directory(args.disk_dir).where
+    save = Row("nix copy --to file:// (cold)", on_disk)
+    restore = Row("nix copy --from file://", on_disk)
     for _ in range(args.reps):
         wipe(cache)
         save.ours.append(timed(["nix", *xp, "copy", "--from", str(nix_root), "--to",
@@ -199,7 +218,8 @@ def s3_scenarios(work: Path, src: Path, archive: Path, args: argparse.Namespace)
     time.sleep(1)
     copy = [sys.executable, str(Path(__file__).with_name("s3copy.py"))]
     db_path = daemondb.db_path(src)
-    rows = [Row("S3 cold save", "disk"), Row("S3 restore, empty store", "shm"),
+    rows = [Row("S3 cold save", disk.directory(args.disk_dir).where),
+            Row("S3 restore, empty store", "shm"),
             Row("S3 restore, 90% present", "shm")]
     dst = Path(tempfile.mkdtemp(prefix="incstore-bench-s3-", dir=args.shm_dir))
     base_dst = dst.with_name(dst.name + "-base")
@@ -280,7 +300,8 @@ def main() -> None:
                       help="the README's scenarios on the ~100-item realistic store (~5 min)")
     part.add_argument("--growth", action="store_true",
                       help="growth curve over --sizes on Guix-shaped stores (~10 min quiet at "
-                      "the default sizes; 50000 adds ~20); writes bench/out/growth.{md,csv,png}")
+                      "the default sizes with --growth-where shm, twice that with the disk "
+                      "rows; 50000 adds ~20); writes bench/out/growth.{md,csv,png}")
     part.add_argument("--small-items", action="store_true",
                       help="the five scenarios on the 2,076-item reference store, tmpfs and "
                       "disk (~8 min quiet); writes bench/out/small-items.{md,csv}")
@@ -289,8 +310,8 @@ def main() -> None:
                       "--manifest-items items (~4 min, plus ~1 to synthesise it once)")
     parser.add_argument("--sizes", default="100,1000,10000", type=_sizes,
                         help="item counts of the growth curve [default: 100,1000,10000]")
-    parser.add_argument("--growth-where", default="shm", type=lambda s: s.split(","),
-                        help="where growth restores go: shm, disk or both [default: shm]")
+    parser.add_argument("--growth-where", default="shm,disk", type=lambda s: s.split(","),
+                        help="where growth restores go: shm, disk or both [default: shm,disk]")
     parser.add_argument("--manifest-items", type=int, default=200_000)
     parser.add_argument("--seed", type=int, default=7, help="seed of the Guix-shaped stores")
     parser.add_argument("--reps", type=int, default=3, help="runs per scenario [default: 3]")
@@ -304,7 +325,14 @@ def main() -> None:
     classic.add_argument("--s3", action="store_true",
                          help="add save and restore through a local S3 server (localbucket)")
     classic.add_argument("--keep", action="store_true", help="keep the work directory")
-    parser.add_argument("--disk-dir", default="/var/tmp", type=Path)
+    parser.add_argument("--disk-dir", default="/var/tmp", type=Path,
+                        help="where --small-items and --growth make their disk image (or, "
+                        "without one, write their disk rows), and where --classic writes "
+                        "[default: /var/tmp]")
+    parser.add_argument("--disk-image-mb", type=int, metavar="N",
+                        help="size of the ext4 image on a loop device that --small-items and "
+                        "--growth time their disk rows on [default: sized from the stores]; "
+                        "0: no image, write in --disk-dir itself")
     parser.add_argument("--shm-dir", default="/dev/shm", type=Path)
     parser.add_argument("--json", type=Path, help="also write the raw samples here")
     args = parser.parse_args()
@@ -314,6 +342,10 @@ def main() -> None:
         raise SystemExit("--nix needs Debian's nix-bin")
     if not any((args.classic, args.growth, args.small_items, args.manifest_scale)):
         args.classic = args.growth = True
+    if set(args.growth_where) - {"shm", "disk"}:
+        raise SystemExit(f"--growth-where: shm, disk or shm,disk, not {args.growth_where}")
+    if args.disk_image_mb is not None and 0 < args.disk_image_mb < disk.MIN_IMAGE_MB:
+        raise SystemExit(f"--disk-image-mb: at least {disk.MIN_IMAGE_MB}, or 0 for no image")
     from bench import growth, manifestscale
 
     timing = use_incstore(args.incstore_ref)
@@ -332,19 +364,30 @@ def main() -> None:
         classic_rows = bench(args)
         rows += classic_rows
         section("Classic: realistic store", table(classic_rows), time.perf_counter() - t)
-    if args.small_items:
-        t = time.perf_counter()
-        ref_rows = growth.reference(args.reps, ["shm", "disk"], args.disk_dir, args.shm_dir,
-                                    args.seed, timing)
-        rows += ref_rows
-        section("2,076-item reference store", (growth.OUT / "small-items.md").read_text(),
-                time.perf_counter() - t)
-    if args.growth:
-        t = time.perf_counter()
-        growth_rows = growth.growth(args.sizes, args.reps, args.growth_where, args.disk_dir,
-                                    args.shm_dir, args.seed, timing)
-        rows += growth_rows
-        section("Growth curve", (growth.OUT / "growth.md").read_text(), time.perf_counter() - t)
+    if args.small_items or args.growth:
+        # the image is sized for the largest store it will hold, so build (or find) them all
+        # first; one image serves both parts, each store's files wiped before the next
+        sizes = sorted({*([growth.REFERENCE_ITEMS] if args.small_items else []),
+                        *(args.sizes if args.growth else [])})
+        stores = []
+        for n in sizes:
+            print(f"building or reusing the {n:,}-item store ...", file=sys.stderr)
+            stores.append(guixstore.cached(guixstore.StoreSpec(n, args.seed))[1])
+        with disk.provide(args.disk_dir, args.disk_image_mb, stores) as on_disk:
+            if args.small_items:
+                t = time.perf_counter()
+                ref_rows = growth.reference(args.reps, ["shm", "disk"], on_disk, args.shm_dir,
+                                            args.seed, timing)
+                rows += ref_rows
+                section("2,076-item reference store",
+                        (growth.OUT / "small-items.md").read_text(), time.perf_counter() - t)
+            if args.growth:
+                t = time.perf_counter()
+                growth_rows = growth.growth(args.sizes, args.reps, args.growth_where, on_disk,
+                                            args.shm_dir, args.seed, timing)
+                rows += growth_rows
+                section("Growth curve", (growth.OUT / "growth.md").read_text(),
+                        time.perf_counter() - t)
     if args.manifest_scale:
         t = time.perf_counter()
         syn, scale_rows = manifestscale.run(args.manifest_items, args.reps, args.shm_dir)
