@@ -283,7 +283,15 @@ def use_incstore(ref: str | None) -> str:
                            cwd="/", check=True).stdout.strip()
     where = subprocess.run([sys.executable, "-c", "import incstore; print(incstore.__file__)"],
                            capture_output=True, text=True, cwd="/", check=True).stdout.strip()
-    return f"{found}, {label}: {where}"
+    if not where.startswith(str(source)):
+        raise SystemExit(f"the timed incstore is {where}, not the one in {source}")
+    if ref is None:  # results name the commit, not where this checkout happens to be
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"],
+                              capture_output=True, text=True, check=False).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "incstore",
+                                "schema"], capture_output=True, text=True, check=False).stdout
+        label = f"commit {head or 'unknown'}" + (" with uncommitted changes" if dirty else "")
+    return f"{found}, {label}"
 
 
 def _sizes(text: str) -> list[int]:
