@@ -52,6 +52,27 @@ COMMON_INPUTS = """\
     default: "false"
 """
 
+RESTORE_OUTPUTS = [
+    ("hit", "Whether a manifest of that name was found.",
+     "steps.run.outputs.hit || (steps.index.outputs.cache-matched-key != '' && 'true') || 'false'"),
+    ("matched-key", "The cache index restored (empty on a miss).",
+     "steps.index.outputs.cache-matched-key"),
+    ("restored", "Items extracted, verified and registered.",
+     "steps.run.outputs.restored"),
+    ("skipped", "Items already present in the store.",
+     "steps.run.outputs.skipped"),
+    ("failed", "Items that could not be restored (or were refused).",
+     "steps.run.outputs.failed"),
+    ("bytes", "NAR bytes restored.",
+     "steps.run.outputs.bytes"),
+    ("trusted", "Whether every restored item was vouched for by a trusted key.",
+     "steps.run.outputs.trusted"),
+    ("complete", "Whether every item of the manifest is valid in the store after the restore (its closure is complete).",
+     "steps.run.outputs.complete"),
+    ("entries", "Content entries of the cache restored.",
+     "steps.run.outputs.entries"),
+]
+
 RESTORE_HEAD = """\
 name: incstore restore
 description: >-
@@ -82,35 +103,26 @@ inputs:
   require-signed-manifest:
     description: "Refuse unless the manifest itself is signed by a trusted key."
     default: "false"
-outputs:
-  hit:
-    description: "Whether a manifest of that name was found."
-    value: ${{ steps.run.outputs.hit || (steps.index.outputs.cache-matched-key != '' && 'true') || 'false' }}
-  matched-key:
-    description: "The cache index restored (empty on a miss)."
-    value: ${{ steps.index.outputs.cache-matched-key }}
-  restored:
-    description: "Items extracted, verified and registered."
-    value: ${{ steps.run.outputs.restored }}
-  skipped:
-    description: "Items already present in the store."
-    value: ${{ steps.run.outputs.skipped }}
-  failed:
-    description: "Items that could not be restored (or were refused)."
-    value: ${{ steps.run.outputs.failed }}
-  bytes:
-    description: "NAR bytes restored."
-    value: ${{ steps.run.outputs.bytes }}
-  trusted:
-    description: "Whether every restored item was vouched for by a trusted key."
-    value: ${{ steps.run.outputs.trusted }}
-  complete:
-    description: "Whether every item of the manifest is valid in the store after the restore (its closure is complete)."
-    value: ${{ steps.run.outputs.complete }}
-  entries:
-    description: "Content entries of the cache restored."
-    value: ${{ steps.run.outputs.entries }}
 """
+
+SAVE_OUTPUTS = [
+    ("changed", "Whether anything was uploaded.",
+     "steps.report.outputs.changed"),
+    ("items", "Items in the manifest.",
+     "steps.run.outputs.items"),
+    ("written", "New chunks written.",
+     "steps.run.outputs.written"),
+    ("bytes", "Compressed bytes of new chunks.",
+     "steps.run.outputs.bytes"),
+    ("upload-bytes", "Bytes uploaded to the cache.",
+     "steps.report.outputs.upload-bytes"),
+    ("store-bytes", "Bytes of chunks the chunk store holds after gc.",
+     "steps.run.outputs.store-bytes"),
+    ("failed", "Items that could not be saved.",
+     "steps.run.outputs.failed"),
+    ("entries", "Content entries the cache index names after this save.",
+     "steps.report.outputs.entries"),
+]
 
 SAVE_HEAD = """\
 name: incstore save
@@ -139,31 +151,6 @@ inputs:
   signing-key:
     description: "A secret key (the key file's content, from a secret) to sign narinfos and the manifest with."
     default: ""
-outputs:
-  changed:
-    description: "Whether anything was uploaded."
-    value: ${{ steps.report.outputs.changed }}
-  items:
-    description: "Items in the manifest."
-    value: ${{ steps.run.outputs.items }}
-  written:
-    description: "New chunks written."
-    value: ${{ steps.run.outputs.written }}
-  bytes:
-    description: "Compressed bytes of new chunks."
-    value: ${{ steps.run.outputs.bytes }}
-  upload-bytes:
-    description: "Bytes uploaded to the cache."
-    value: ${{ steps.report.outputs.upload-bytes }}
-  store-bytes:
-    description: "Bytes of chunks the chunk store holds after gc."
-    value: ${{ steps.run.outputs.store-bytes }}
-  failed:
-    description: "Items that could not be saved."
-    value: ${{ steps.run.outputs.failed }}
-  entries:
-    description: "Content entries the cache index names after this save."
-    value: ${{ steps.report.outputs.entries }}
 """
 
 SETUP = """\
@@ -225,6 +212,12 @@ SAVE_ENV = {
 }
 
 
+def outputs(rows: list[tuple[str, str, str]]) -> str:
+    return "outputs:\n" + "".join(f"  {name}:\n    description: \"{text}\"\n"
+                                   f"    value: ${{{{ {value} }}}}\n"
+                                   for name, text, value in rows)
+
+
 def incstore_step(step_id: str, verb: str, condition: str | None, env: dict[str, str]) -> str:
     lines = [f"    - id: {step_id}"]
     if condition:
@@ -253,7 +246,7 @@ def chain(prefix: str, plan: str) -> str:
 
 def restore_action() -> str:
     found = "${{ steps.index.outputs.cache-matched-key }}"
-    return (RESTORE_HEAD + SETUP
+    return (RESTORE_HEAD + outputs(RESTORE_OUTPUTS) + SETUP
             + incstore_step("prepare", "restore-prepare", None, RESTORE_ENV)
             + cache_step("index", CACHE_RESTORE, "steps.prepare.outputs.index-key != ''",
                          key="${{ steps.prepare.outputs.index-key }}",
@@ -275,7 +268,7 @@ def save_action() -> str:
     content = "steps.run.outputs.content-key != ''"
     staged = "steps.stage.outputs.index != ''"
     signing = {**SAVE_ENV, "INCSTORE_SIGNING_KEY": "${{ inputs.signing-key }}"}
-    return (SAVE_HEAD + SETUP
+    return (SAVE_HEAD + outputs(SAVE_OUTPUTS) + SETUP
             + incstore_step("prepare", "save-prepare", None, SAVE_ENV)
             # the restore did not run in this job: read what the cache holds first
             + cache_step("catch-index", CACHE_RESTORE, catching,
