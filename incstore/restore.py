@@ -34,7 +34,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 
-from incstore import atomicfile, db, faults, frame, links, mountns, nar, regularfile
+from incstore import atomicfile, db, faults, frame, links, mountns, nar, regularfile, verified
 from incstore import manifest as manifest_mod
 from incstore.backend import Reader
 from incstore.chunkstore import ChunkStore
@@ -258,6 +258,8 @@ class _Extraction:
 
     error: IncstoreError | None = None
     quarantine: bool = False  # the chunk does not hold the item's NAR
+    # the chunk file, as read and found to match its size and XXH3 (a local chunk store)
+    checked: os.stat_result | None = None
 
 
 def extract_item(chunks: ChunkStore, sd: StoreDir, manifest: Manifest, n: int, tmp: str,
@@ -294,7 +296,8 @@ def extract_item(chunks: ChunkStore, sd: StoreDir, manifest: Manifest, n: int, t
             return _Extraction(ChunkCorruptError(
                 f"NAR hash {digest.db_hash} ({digest.size} bytes) is not the manifest's "
                 f"{nar_hash} ({nar_size} bytes)", item=path), True)
-        return _Extraction()
+        fileno = getattr(f, "fileno", None)
+        return _Extraction(checked=os.fstat(fileno()) if fileno is not None else None)
     except ChunkCorruptError as e:
         return _Extraction(e, raw.proven_bad)
     except zstandard.ZstdError as e:
@@ -652,20 +655,29 @@ def _extract_all(run: _Run, chunks: ChunkStore, sd: StoreDir, todo: list[int],
     # decompression, hashing and writes release the GIL (see incstore.pool)
     outcomes = map_by_size(one, todo, manifest.nar_size, small=SMALL_NAR, workers=workers,
                            overlap=chunks.backend.verifies_reads_cheaply and run.jobs > 1)
+    # what the restore read and checked, the next save on this machine need not read again
+    record = verified.Record(Path(run.plan.cache)) if chunks.backend.verifies_reads_cheaply \
+        else None
     for n, outcome in outcomes:
         if outcome.error is None:
             run.extracted[n] = 1
+            if record is not None and outcome.checked is not None:
+                record.note(manifest.chunk_key(n), outcome.checked, manifest.chunk(n).xxh3_128)
             if run.progress:
                 run.progress("restored", manifest.paths[n])
             continue
         run.fail(outcome.error)
         if outcome.quarantine and isinstance(outcome.error, ChunkCorruptError | NarFormatError):
             key = manifest.chunk_key(n)
+            if record is not None:
+                record.forget(key)
             try:
                 if chunks.quarantine(key):
                     run.quarantined.append(key)
             except IncstoreError as e:
                 run.warnings.append(f"could not quarantine chunk {key}: {e}")
+    if record is not None:
+        record.save()
 
 
 def _batches(run: _Run) -> Iterator[list[int]]:

@@ -1,5 +1,7 @@
-"""Verified: this machine's record of the chunk files a save has written, or read and found to
-match their size and XXH3-128, so that the next save reads only the chunks that changed since.
+"""Verified: this machine's record of the chunk files a save has written, or a save or a
+restore read and found to match their size and XXH3-128, so that the next save reads only the
+chunks that changed since (on a CI runner, where the chunk store arrives from the cache, the
+restore's reads spare the save a second pass over every chunk it extracted).
 
 A save checks every chunk it reuses (a chunk store may hold junk under a plausible narinfo),
 which for a large store means reading gigabytes to learn that nothing changed. The record lets

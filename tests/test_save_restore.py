@@ -297,3 +297,38 @@ def test_durability_is_the_daemons_unless_asked_for_more(
         # a constant handful, not one per item: manifests, records and the DB, with their dirs
         assert saved["syncfs"] == 0 and saved["fsync"] <= 12, saved
         assert calls["syncfs"] == 0 and calls["fsync"] <= 12, calls
+
+
+def test_a_save_after_a_restore_does_not_read_the_chunks_the_restore_checked(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CI runner the chunk store arrives from the cache: the restore reads and checks
+    every chunk it extracts, so the save that follows need not read them again to reuse
+    them (it used to read the whole chunk store to learn that nothing changed)."""
+    import shutil
+
+    from incstore import manifest as manifest_mod
+    from incstore.chunkstore import ChunkStore
+    from incstore.restore import execute_restore, plan_restore
+    from incstore.save import execute_save, plan_save
+
+    src = make_sample(tmp_path / "src", items=12, seed=63)
+    execute_save(plan_save(src.db_path, src.prefix, tmp_path / "first"), tmp_path / "m.json")
+    reads: list[str] = []
+    real = ChunkStore.quick_digest
+
+    def counting(self: ChunkStore, key: str, **kw: object) -> object:
+        reads.append(key)
+        return real(self, key, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ChunkStore, "quick_digest", counting)
+    for restored in (False, True):
+        cache = tmp_path / f"arrived-{restored}"  # as if extracted from a cache entry
+        shutil.copytree(tmp_path / "first", cache)
+        if restored:
+            dst = tmp_path / "dst"
+            plan = plan_restore(manifest_mod.load(tmp_path / "m.json"), dst, cache)
+            assert len(execute_restore(plan).registered) == len(src.infos)
+        reads.clear()
+        result = execute_save(plan_save(src.db_path, src.prefix, cache), tmp_path / "m2.json")
+        assert not result.written and len(result.reused) == len(src.infos)
+        assert len(reads) == (0 if restored else len(src.infos)), reads
