@@ -34,8 +34,8 @@ from typing import Any
 from incstore import atomicfile
 from incstore.chunkstore import ChunkStore
 from incstore.errors import MissingDependencyError, StoreError
-from incstore.gc import read_named
 from incstore.manifest import Manifest
+from incstore.named import read_named
 
 BATCH = 2000
 

@@ -340,7 +340,7 @@ def check_cmd(cache: str | None, manifest_paths: tuple[Path, ...], full: bool, j
               as_json: bool) -> None:
     """Check that every chunk a manifest references is there and intact."""
     from incstore.check import check
-    from incstore.gc import read_named
+    from incstore.named import read_named
 
     cache = cache or default_cache()
     named = read_named(ChunkStore(cache))
@@ -364,7 +364,7 @@ def check_cmd(cache: str | None, manifest_paths: tuple[Path, ...], full: bool, j
 @json_option
 def stats_cmd(cache: str | None, as_json: bool) -> None:
     """Items and bytes per manifest, unique versus shared, and their overlap."""
-    from incstore.gc import read_named
+    from incstore.named import read_named
     from incstore.stats import stats
 
     chunks = ChunkStore(cache or default_cache())

@@ -70,3 +70,39 @@ def test_every_module_opens_with_a_docstring() -> None:
     for path in sorted((ROOT / "incstore").glob("*.py")):
         tree = ast.parse(path.read_text())
         assert ast.get_docstring(tree), path.name
+
+
+VERBS = {"save", "restore", "gc", "check", "stats", "verify", "demo"}
+FRONT_ENDS = {"cli", "actionstep", "__main__"}
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module a file imports, at any depth (imports inside functions included)."""
+    import ast
+
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            if node.module == "incstore":
+                found |= {f"incstore.{alias.name}" for alias in node.names}
+    return found
+
+
+def test_the_layering_holds() -> None:
+    """Nouns never import verbs or front ends, verbs never import front ends, and only cli
+    imports click."""
+    problems = []
+    for path in sorted((ROOT / "incstore").glob("*.py")):
+        module = path.stem
+        imported = _imports(path)
+        ours = {m.split(".")[1] for m in imported if m.startswith("incstore.")}
+        if "click" in {m.split(".")[0] for m in imported} and module != "cli":
+            problems.append(f"{module} imports click")
+        if module in FRONT_ENDS:
+            continue
+        forbidden = FRONT_ENDS | (set() if module in VERBS else VERBS)
+        problems += [f"{module} imports {m}" for m in sorted(ours & forbidden)]
+    assert problems == []
