@@ -25,10 +25,11 @@ class TooLarge(OSError):
     """The file is larger than the caller's limit."""
 
 
-def open_fd(path: str | Path, *, follow: bool = True) -> int:
-    """A read-only descriptor on a regular file, in blocking mode again once opened."""
+def open_fd(path: str | Path, *, follow: bool = True, dir_fd: int | None = None) -> int:
+    """A read-only descriptor on a regular file (`path` relative to `dir_fd` when given), in
+    blocking mode again once opened."""
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
-    fd = os.open(path, flags)
+    fd = os.open(path, flags, dir_fd=dir_fd)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise NotRegular(f"{path} is not a regular file")
@@ -39,13 +40,15 @@ def open_fd(path: str | Path, *, follow: bool = True) -> int:
     return fd
 
 
-def open_binary(path: str | Path, *, follow: bool = True) -> io.BufferedReader:
-    return os.fdopen(open_fd(path, follow=follow), "rb")
+def open_binary(path: str | Path, *, follow: bool = True, dir_fd: int | None = None
+                ) -> io.BufferedReader:
+    return os.fdopen(open_fd(path, follow=follow, dir_fd=dir_fd), "rb")
 
 
-def read(path: str | Path, limit: int, *, follow: bool = True) -> bytes:
+def read(path: str | Path, limit: int, *, follow: bool = True, dir_fd: int | None = None
+         ) -> bytes:
     """The whole file, refusing one larger than `limit` bytes."""
-    with open_binary(path, follow=follow) as f:
+    with open_binary(path, follow=follow, dir_fd=dir_fd) as f:
         if os.fstat(f.fileno()).st_size > limit:
             raise TooLarge(f"{path} is larger than {limit} bytes")
         data = f.read(limit + 1)

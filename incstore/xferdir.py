@@ -24,13 +24,13 @@ import os
 import stat
 from pathlib import Path
 
+from incstore import regularfile
 from incstore.backend import LocalBackend, valid_name
 from incstore.dirfd import NOFOLLOW_DIR as _DIR
 from incstore.dirfd import descend
 
 MAX_RECORD_BYTES = 64 << 20  # an entry record: a 200,000-item base lists ~30 MB of names
 MAX_DEPTH = 4  # names nest at most `<entry key>/guix/<key>.narinfo`
-_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 class Refusal(Exception):
@@ -176,40 +176,25 @@ def _remove_tree(parent: int, name: str) -> None:
 
 def _read_at(parent: int, base: str, limit: int, name: str) -> bytes:
     try:
-        fd = os.open(base, _FILE, dir_fd=parent)
+        return regularfile.read(base, limit, follow=False, dir_fd=parent)
     except FileNotFoundError:
         raise
+    except regularfile.NotRegular:
+        raise Refusal(f"{name} is not a regular file") from None
+    except regularfile.TooLarge:
+        raise Refusal(f"{name} is larger than {limit} bytes") from None
     except OSError as e:
         raise Refusal(f"{name} cannot be opened ({e.strerror})") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise Refusal(f"{name} is not a regular file")
-        if st.st_size > limit:
-            raise Refusal(f"{name} is larger than {limit} bytes")
-        chunks = []
-        left = limit + 1
-        while left > 0:
-            block = os.read(fd, min(left, 1 << 20))
-            if not block:
-                break
-            chunks.append(block)
-            left -= len(block)
-        data = b"".join(chunks)
-        if len(data) > limit:
-            raise Refusal(f"{name} is larger than {limit} bytes")
-        return data
-    finally:
-        os.close(fd)
 
 
 def _copy_across(parent: int, base: str, chunks: LocalBackend, name: str) -> None:
     """The move of `base` into another file system: a copy through the chunk store's own
     atomic staging, then the source removed."""
-    fd = os.open(base, _FILE, dir_fd=parent)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise Refusal(f"{name} is not a regular file")
+        fd = regularfile.open_fd(base, follow=False, dir_fd=parent)
+    except regularfile.NotRegular:
+        raise Refusal(f"{name} is not a regular file") from None
+    try:
         with chunks.stage(name) as out:
             while block := os.read(fd, 1 << 20):
                 out.write(block)
